@@ -1,0 +1,50 @@
+# Local LLM Lab — two commands: `make lab` and `make test`.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+GPU ?= 0
+TIER ?= ci
+PORT ?= 8888
+export GPU
+
+.PHONY: help setup lab test test-unit test-notebooks run test-gpu lock strip clean
+
+help:
+	@echo "make lab        set up (if needed) and open JupyterLab on notebooks/ with the bundled tiny model"
+	@echo "make test       set up (if needed), run the unit tests and execute every notebook (CPU tier)"
+	@echo "make run        execute every notebook into build/ (executed .ipynb + HTML) and print a time table"
+	@echo "make setup      build/link .venv and .venv-vllm (GPU=1 for CUDA builds); cached by lock hash"
+	@echo "make test-gpu   on a GPU machine: GPU-tagged cells must run (set-up with GPU=1 first)"
+	@echo "make lock       re-resolve requirements/*.in into the lock files"
+	@echo "make strip      remove outputs from notebooks before committing"
+
+setup:
+	@bash scripts/setup.sh
+
+lab: setup
+	@echo "Starting JupyterLab on notebooks/ — open the URL printed below (Ctrl-C stops it)."
+	.venv/bin/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 --port=$(PORT) $(if $(DISPLAY),,--no-browser)
+
+test: setup
+	.venv/bin/python -m pytest -q -ra tests
+
+test-unit: setup
+	.venv/bin/python -m pytest -q -ra -m "not notebook" tests
+
+test-notebooks: setup
+	.venv/bin/python -m pytest -q -ra -m notebook tests
+
+run: setup
+	.venv/bin/labkit run --tier $(TIER)
+
+test-gpu: setup
+	LABKIT_REQUIRE_GPU=1 .venv/bin/labkit doctor --require-gpu
+	LABKIT_REQUIRE_GPU=1 .venv/bin/python -m pytest -q -ra tests
+
+lock:
+	bash scripts/lock.sh
+
+strip:
+	.venv/bin/nbstripout notebooks/*.ipynb
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,29 @@
+"""Exceptions raised by labkit. Every message says what went wrong *and* what to do next."""
+
+
+class LabkitError(Exception):
+    """Base class for every error labkit raises on purpose."""
+
+
+class ModelNotFoundError(LabkitError, FileNotFoundError):
+    """A model name or path that labkit cannot find (package not installed, wrong path)."""
+
+
+class CorruptModelError(LabkitError, ValueError):
+    """A model file that exists but is not what it claims to be (bad magic, truncated, wrong checksum)."""
+
+
+class EngineNotInstalledError(LabkitError, RuntimeError):
+    """An inference engine that is not installed in this environment."""
+
+
+class PortInUseError(LabkitError, OSError):
+    """A fixed port was requested but something is already listening on it."""
+
+
+class ServerStartError(LabkitError, RuntimeError):
+    """A managed server died or never became ready; the message carries its log tail."""
+
+
+class GPURequiredError(LabkitError, RuntimeError):
+    """A GPU was demanded (GPU cell under `make test-gpu`, `--require-gpu`) but none is usable."""

@@ -1,0 +1,70 @@
+"""Small conveniences shared by every chapter notebook (introduced in chapter 00).
+
+* ``%load_ext labkit`` registers the ``%%gpu`` cell magic: the cell runs where a GPU exists and
+  otherwise prints one line saying it was skipped. Under ``make test-gpu``
+  (``LABKIT_REQUIRE_GPU=1``) a missing GPU is an error instead, so a GPU run cannot pass by
+  skipping everything.
+* :class:`Chapter` times the whole notebook and prints its wall time against its budget.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from .errors import GPURequiredError
+
+
+def gpu_available() -> bool:
+    """True when an NVIDIA GPU is usable (nvidia-smi lists one, or torch sees CUDA)."""
+    from .hardware import nvidia_gpus
+    if nvidia_gpus():
+        return True
+    import sys
+    torch = sys.modules.get("torch")
+    return bool(torch and torch.cuda.is_available())
+
+
+def gpu_required() -> bool:
+    return os.environ.get("LABKIT_REQUIRE_GPU", "") not in ("", "0", "false")
+
+
+def run_gpu_cell(source: str, namespace: dict) -> bool:
+    """Execute ``source`` in ``namespace`` if a GPU exists; return whether it ran."""
+    if not gpu_available():
+        if gpu_required():
+            raise GPURequiredError("This cell is tagged `gpu`, LABKIT_REQUIRE_GPU is set, and no NVIDIA GPU "
+                                   "is usable here (nvidia-smi lists none). Run `make test-gpu` on a GPU machine.")
+        print("Skipped: this cell needs an NVIDIA GPU and none was found on this machine.")
+        return False
+    exec(compile(source, "<gpu cell>", "exec"), namespace)
+    return True
+
+
+def register_magics(ipython) -> None:
+    from IPython.core.magic import register_cell_magic  # noqa: F401  (import check)
+
+    def gpu(line, cell):
+        run_gpu_cell(cell, ipython.user_ns)
+
+    ipython.register_magic_function(gpu, magic_kind="cell", magic_name="gpu")
+
+
+@dataclass
+class Chapter:
+    """Wall-time bookkeeping for one notebook run."""
+
+    number: str
+    budget_s: float
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def report(self) -> float:
+        """Print and return the chapter's wall time so far."""
+        elapsed = self.elapsed
+        verdict = "within" if elapsed <= self.budget_s else "OVER"
+        print(f"Chapter {self.number} wall time: {elapsed:.1f} s ({verdict} its {self.budget_s:.0f} s CPU-tier budget)")
+        return elapsed

