@@ -44,7 +44,8 @@ build_main() {
   # torch first and alone, so that nothing later pulls a multi-GB CUDA build on CPU machines.
   run_logged "$log" "$env/bin/pip" install -c requirements/lock.txt torch
   if [ "$GPU" = 1 ]; then
-    CMAKE_ARGS="-DGGML_CUDA=on" run_logged "$log" "$env/bin/pip" install -c requirements/lock.txt -r requirements/main.in
+    # --no-cache-dir: pip would otherwise reuse a cached CPU-only wheel of llama-cpp-python.
+    CMAKE_ARGS="-DGGML_CUDA=on" run_logged "$log" "$env/bin/pip" install --no-cache-dir -c requirements/lock.txt -r requirements/main.in
   else
     run_logged "$log" "$env/bin/pip" install -c requirements/lock.txt -r requirements/main.in
   fi
@@ -91,7 +92,8 @@ ensure_env .venv-vllm "$VLLM_KEY" build_vllm
 
 # Per-clone steps (seconds): labkit itself, editable, in both environments; Jupyter kernels.
 for env in .venv .venv-vllm; do
-  if ! "$env/bin/python" -c "import labkit, sys; sys.exit(0 if labkit.__file__.startswith('$REPO/') else 1)" 2>/dev/null; then
+  # (run from / so that the clone's own labkit/ folder does not shadow the installed one)
+  if ! (cd / && "$REPO/$env/bin/python" -c "import labkit, sys; sys.exit(0 if labkit.__file__.startswith('$REPO/') else 1)") 2>/dev/null; then
     run_logged "$LOGS/labkit-install.log" "$env/bin/pip" install --no-deps -e .
   fi
 done

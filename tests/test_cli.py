@@ -1,0 +1,85 @@
+"""The labkit command, run as a learner would run it (a real subprocess)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labkit import cli, notebook
+from labkit.errors import GPURequiredError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def labkit(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "labkit.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def test_doctor_passes_in_the_lab_environment():
+    r = labkit("doctor")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "bundled model smollm2" in r.stdout and "all required checks passed" in r.stdout
+
+
+@pytest.mark.skipif(notebook.gpu_available(), reason="this machine has a GPU")
+def test_doctor_require_gpu_fails_fast_without_one():
+    r = labkit("doctor", "--require-gpu")
+    assert r.returncode == 1
+    assert "[FAIL] GPU" in r.stdout and "fix:" in r.stdout
+
+
+def test_doctor_reports_lock_drift(tmp_path):
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# comment\nnumpy==0.0.1\npsutil==%s\nnot-installed-pkg==1.0\n" % __import__("psutil").__version__)
+    drift = dict((n, (want, have)) for n, want, have in cli.lock_drift(lock))
+    assert set(drift) == {"numpy", "not-installed-pkg"}
+    assert drift["not-installed-pkg"][1] is None
+
+
+def test_hardware_json():
+    r = labkit("hardware", "--json")
+    assert r.returncode == 0
+    data = json.loads(r.stdout)
+    assert data["logical_cores"] == os.cpu_count() and "llama.cpp" in data["engines"]
+
+
+def test_run_unknown_notebook_is_an_error():
+    r = labkit("run", "99_nonexistent")
+    assert r.returncode != 0 and "No notebook matches" in r.stderr
+
+
+def test_serve_foreground_bad_model_exits_1():
+    r = labkit("serve", "llama.cpp", "--model", "/nonexistent/model.gguf")
+    assert r.returncode == 1 and "error:" in r.stderr and "neither a bundled model" in r.stderr
+
+
+def test_serve_foreground_starts_and_stops():
+    import signal, time, urllib.request
+    proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "serve", "llama.cpp"], stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    try:
+        line = proc.stdout.readline()
+        assert "serving 'smollm2' at http://127.0.0.1:" in line
+        url = line.split(" at ")[1].split()[0]
+        with urllib.request.urlopen(url + "/v1/models", timeout=10) as resp:
+            assert resp.status == 200
+        proc.send_signal(signal.SIGINT)          # Ctrl-C
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+def test_gpu_cell_skips_or_demands(monkeypatch, capsys):
+    monkeypatch.setattr(notebook, "gpu_available", lambda: False)
+    ns = {}
+    monkeypatch.delenv("LABKIT_REQUIRE_GPU", raising=False)
+    assert notebook.run_gpu_cell("x = 1", ns) is False and "x" not in ns
+    assert "Skipped" in capsys.readouterr().out
+    monkeypatch.setenv("LABKIT_REQUIRE_GPU", "1")
+    with pytest.raises(GPURequiredError):
+        notebook.run_gpu_cell("x = 1", ns)
+    monkeypatch.setattr(notebook, "gpu_available", lambda: True)
+    assert notebook.run_gpu_cell("x = 1", ns) is True and ns["x"] == 1
