@@ -8,11 +8,16 @@ The supervisor stops the *whole group* (engine plus any workers it spawned, e.g.
 * its parent dies — a kernel restart, a ``kill -9`` of the notebook kernel, a crashed test —
   which it notices because ``os.getppid()`` changes.
 
+If ``LABKIT_SERVER_TMPDIR`` is set, the engine was given that folder as its ``TMPDIR``; the
+supervisor deletes it at the end, so engines' scratch files (e.g. vLLM's ``vllm_dist_*``
+rendezvous files) never pile up in /tmp.
+
 Usage: ``python -m labkit._supervisor PARENT_PID GRACE_SECONDS -- COMMAND...``
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +75,15 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
     child = subprocess.Popen(command)  # same process group as us; inherits our log file
+    try:
+        return _supervise(child, parent, grace, stop_requested)
+    finally:
+        scratch = os.environ.get("LABKIT_SERVER_TMPDIR")
+        if scratch and os.path.basename(scratch).startswith("labkit-"):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _supervise(child: subprocess.Popen, parent: int, grace: float, stop_requested: list) -> int:
     while True:
         code = child.poll()
         if code is not None:

