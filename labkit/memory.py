@@ -10,7 +10,7 @@ Two formulas, both from ggml/llama.cpp's own sizing:
   Grouped-query attention shares each KV head between several query heads, so using the
   attention-head count overestimates the cache (4× for Llama-3.1-8B).
 
->>> kv_cache_bytes(n_layers=32, n_kv_heads=8, head_dim=128, n_ctx=1) // 1024   # Llama-3.1-8B, f16
+>>> int(kv_cache_bytes(n_layers=32, n_kv_heads=8, head_dim=128, n_ctx=1)) // 1024   # Llama-3.1-8B, f16
 128
 >>> round(weights_bytes(7.62e9, "Q4_K_M") / 1e9, 2)                             # Qwen2.5-7B
 4.66
