@@ -3,6 +3,7 @@
     labkit doctor [--require-gpu] [--min-free-vram GB]   environment report; exit 1 on a failed check
     labkit serve ENGINE [--model M] [--port P]           a managed server in the foreground (Ctrl-C stops it)
     labkit run [NOTEBOOK ...] [--tier ci|full]           execute notebooks into build/, print a time table
+    labkit bench --engine E [--model M]                  TTFT / ITL / tokens/s, saved as JSON + CSV
     labkit hardware                                      the hardware probe as a table (--json for JSON)
 """
 from __future__ import annotations
@@ -152,6 +153,31 @@ def cmd_run(args) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+    from .servers import serve
+    rows = []
+    if args.engine == "in-process":
+        from llama_cpp import Llama
+        from . import hardware, models
+        llm = Llama(model_path=str(models.get(args.model)), n_ctx=2048, n_threads=hardware.probe().usable_cores, verbose=False)
+        rows.append({"engine": "llama.cpp in-process", "concurrency": 1,
+                     **bench.table(bench.run_llama(llm, max_tokens=args.max_tokens, runs=args.runs))})
+    else:
+        extra = {"ignore_eos": True} if args.engine == "vllm" else None
+        with serve(args.engine, args.model) as srv:
+            for level in args.concurrency:
+                timings, wall = bench.run_openai(srv, max_tokens=args.max_tokens, concurrency=level,
+                                                 requests=max(level, args.runs), extra_body=extra)
+                rows.append({"engine": args.engine, "concurrency": level,
+                             "throughput_tps": sum(t.output_tokens for t in timings) / wall, **bench.table(timings)})
+    import pandas as pd
+    print(pd.DataFrame(rows).round(3).to_string(index=False))
+    path = bench.save_results(rows, Path(args.out), meta={"model": args.model or "default", "max_tokens": args.max_tokens})
+    print(f"\nsaved {path} (and .csv) with this machine's fingerprint")
+    return 0
+
+
 def cmd_hardware(args) -> int:
     from . import hardware
     hw = hardware.probe()
@@ -188,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="extra notebook parameter")
     p.add_argument("--no-html", action="store_true")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("bench", help="benchmark an engine (TTFT, ITL, tokens/s) and save the results")
+    p.add_argument("--engine", default="llama.cpp", choices=["in-process", "llama.cpp", "vllm", "ollama"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1])
+    p.add_argument("--out", default=str(REPO_ROOT / "build" / "bench" / "cli"))
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("hardware", help="print the hardware probe")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_hardware)

@@ -83,3 +83,12 @@ def test_gpu_cell_skips_or_demands(monkeypatch, capsys):
         notebook.run_gpu_cell("x = 1", ns)
     monkeypatch.setattr(notebook, "gpu_available", lambda: True)
     assert notebook.run_gpu_cell("x = 1", ns) is True and ns["x"] == 1
+
+
+def test_bench_cli_saves_results(tmp_path):
+    r = labkit("bench", "--engine", "llama.cpp", "--max-tokens", "16", "--runs", "2", "--concurrency", "1", "2",
+               "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [row["concurrency"] for row in data["rows"]] == [1, 2]
+    assert all(row["throughput_tps"] > 0 for row in data["rows"]) and data["fingerprint"]["cores"] >= 1

@@ -1,0 +1,392 @@
+"""A benchmark harness you can trust (chapter 06).
+
+What it measures, per request: time to first token (TTFT), inter-token latencies (ITL), decode
+tokens/s (tokens after the first ÷ time after the first), end-to-end latency. Token counts come
+from the engine (``usage``, perf counters), never from counting stream chunks. Runs are
+summarised with medians and tail percentiles, after warm-up runs that are thrown away.
+
+Targets:
+
+* :func:`run_llama` — an in-process ``llama_cpp.Llama``, with llama.cpp's own perf counters
+  (``llama_perf_context``) recorded beside the harness's clock, so the two can be compared.
+* :func:`run_openai` — any OpenAI-compatible server (llama.cpp, vLLM, Ollama's ``/v1``),
+  streamed with the async client, at a chosen concurrency.
+
+And the physics: :func:`memory_bandwidth` (a STREAM-like triad) and :func:`decode_bound`
+(tokens/s ≤ bandwidth ÷ bytes read per token).
+
+>>> summarize([1.0, 2.0, 3.0, 4.0, 100.0])["p50"]
+3.0
+>>> round(percentile([1, 2, 3, 4], 75), 2)
+3.25
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+DEFAULT_PROMPT = "Once upon a time, in a lighthouse at the edge of a cold northern sea, there lived"
+
+
+# ----------------------------------------------------------------------------- statistics
+def percentile(values, q: float) -> float:
+    """The q-th percentile with linear interpolation (numpy's default)."""
+    if len(values) == 0:
+        raise ValueError("percentile of an empty list")
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def summarize(values) -> dict:
+    """n, mean, stdev, p50, p95, p99, min, max of a list of numbers."""
+    v = [float(x) for x in values]
+    if not v:
+        raise ValueError("nothing to summarize")
+    return {"n": len(v), "mean": statistics.fmean(v), "stdev": statistics.stdev(v) if len(v) > 1 else 0.0,
+            "p50": percentile(v, 50), "p95": percentile(v, 95), "p99": percentile(v, 99), "min": min(v), "max": max(v)}
+
+
+# ----------------------------------------------------------------------------- one request
+@dataclass
+class RequestTiming:
+    """Client-side timing of one streamed request (seconds, from the moment it was sent)."""
+
+    ttft: float
+    e2e: float
+    prompt_tokens: int
+    output_tokens: int
+    token_times: list[float] = field(default_factory=list, repr=False)   # arrival of each content chunk
+    engine: dict = field(default_factory=dict)                           # the engine's own accounting
+
+    @property
+    def decode_tps(self) -> float:
+        """Tokens after the first ÷ time after the first (the first token belongs to prefill)."""
+        span = self.e2e - self.ttft
+        return (self.output_tokens - 1) / span if self.output_tokens > 1 and span > 0 else float("nan")
+
+    @property
+    def itl(self) -> list[float]:
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]
+
+
+def _stream_timing(stream, t0: float, now=time.perf_counter):
+    """Consume a stream of text pieces; return (ttft, e2e, arrival times)."""
+    times = []
+    for piece in stream:
+        if piece:
+            times.append(now() - t0)
+    if not times:
+        raise RuntimeError("the stream produced no tokens")
+    return times[0], now() - t0, times
+
+
+# ----------------------------------------------------------------------------- llama.cpp in-process
+def llama_perf(llm) -> dict:
+    """llama.cpp's own counters for the last request: prefill/decode tokens and milliseconds."""
+    import llama_cpp
+    d = llama_cpp.llama_perf_context(llm.ctx)
+    return {"prompt_tokens": d.n_p_eval, "prompt_ms": d.t_p_eval_ms, "decode_tokens": d.n_eval, "decode_ms": d.t_eval_ms}
+
+
+def _end_tokens(llm) -> list[int]:
+    """Token ids that would end generation early (EOS and the chat template's end-of-turn)."""
+    ids = {llm.token_eos()}
+    for text in (b"<|im_end|>", b"<|endoftext|>", b"<|eot_id|>", b"</s>"):
+        toks = llm.tokenize(text, add_bos=False, special=True)
+        if len(toks) == 1:
+            ids.add(toks[0])
+    return sorted(i for i in ids if i >= 0)
+
+
+def time_llama(llm, prompt: str = None, max_tokens: int = 64) -> RequestTiming:
+    """One streamed completion from an in-process ``Llama``, timed by the harness and by llama.cpp.
+
+    End-of-text tokens are banned (the equivalent of vLLM's ``ignore_eos``) so every run
+    generates exactly ``max_tokens`` tokens and runs are comparable.
+    """
+    import llama_cpp
+    llm.reset()                                    # no KV reuse between runs: every run does full prefill
+    llama_cpp.llama_perf_context_reset(llm.ctx)
+    t0 = time.perf_counter()
+    stream = llm.create_completion(prompt or DEFAULT_PROMPT, max_tokens=max_tokens, temperature=0.0, stream=True,
+                                   logit_bias={i: -1e9 for i in _end_tokens(llm)})
+    ttft, e2e, times = _stream_timing((c["choices"][0]["text"] for c in stream), t0)
+    perf = llama_perf(llm)
+    # llama.cpp evaluates every generated token except the last one (nothing follows it)
+    n_out = perf["decode_tokens"] + 1
+    return RequestTiming(ttft, e2e, perf["prompt_tokens"], n_out, times, perf)
+
+
+def run_llama(llm, prompt: str | None = None, max_tokens: int = 64, runs: int = 5, warmup: int = 1) -> list[RequestTiming]:
+    for _ in range(warmup):
+        time_llama(llm, prompt, max_tokens)
+    return [time_llama(llm, prompt, max_tokens) for _ in range(runs)]
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible servers
+async def _one_openai(client, model: str, prompt: str, max_tokens: int, extra: dict) -> RequestTiming:
+    t0 = time.perf_counter()
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                             stream=True, stream_options={"include_usage": True}, extra_body=extra)
+    times, usage, finish = [], None, None
+    async for chunk in stream:
+        now = time.perf_counter() - t0
+        if chunk.choices:
+            if chunk.choices[0].text:
+                times.append(now)
+            finish = chunk.choices[0].finish_reason or finish
+        if getattr(chunk, "usage", None):
+            usage = chunk.usage
+    e2e = time.perf_counter() - t0
+    if not times:
+        raise RuntimeError(f"{model}: the stream produced no tokens")
+    if usage is not None:
+        n_prompt, n_out = usage.prompt_tokens, usage.completion_tokens
+    elif finish == "length":          # engines without stream usage: a length stop means max_tokens
+        n_prompt, n_out = -1, max_tokens
+    else:
+        raise RuntimeError("the server reported no usage and stopped early; token count unknown "
+                           "(use max_tokens it cannot reach, or an engine that reports usage)")
+    return RequestTiming(times[0], e2e, n_prompt, n_out, times)
+
+
+async def _run_openai_async(base_url, api_key, model, prompt, max_tokens, concurrency, requests, extra):
+    from openai import AsyncOpenAI
+    async with AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=600) as client:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def guarded(i):
+            async with sem:
+                return await _one_openai(client, model, prompt, max_tokens, extra)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(guarded(i) for i in range(requests)))
+        return list(results), time.perf_counter() - t0
+
+
+def run_openai(server_or_url, model: str | None = None, prompt: str = DEFAULT_PROMPT,
+               max_tokens: int = 64, concurrency: int = 1, requests: int | None = None, warmup: int = 1,
+               api_key: str | None = None, extra_body: dict | None = None) -> tuple[list[RequestTiming], float]:
+    """Stream ``requests`` completions at ``concurrency``; returns (timings, wall seconds).
+
+    ``server_or_url`` is a :class:`labkit.Server` or a ``.../v1`` base URL.
+    """
+    if hasattr(server_or_url, "base_url"):
+        base_url, model, api_key = server_or_url.base_url + "/v1", model or server_or_url.model, api_key or server_or_url.api_key
+    else:
+        base_url = server_or_url
+    requests = requests or max(concurrency, 4)
+    runner = lambda n, c: asyncio.run(_run_openai_async(base_url, api_key, model, prompt, max_tokens, c, n, extra_body or {}))  # noqa: E731
+    if warmup:
+        _in_fresh_loop(runner, warmup, 1)
+    return _in_fresh_loop(runner, requests, concurrency)
+
+
+def _in_fresh_loop(fn, *args):
+    """asyncio.run() refuses to run inside Jupyter's event loop; use a worker thread there."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def sweep_concurrency(server, levels=(1, 2, 4, 8, 16), max_tokens: int = 32, requests_per_level: int | None = None,
+                      **kwargs) -> list[dict]:
+    """Aggregate throughput and per-request latency at each concurrency level."""
+    rows = []
+    for level in levels:
+        timings, wall = run_openai(server, max_tokens=max_tokens, concurrency=level,
+                                   requests=requests_per_level or max(level, 4), warmup=0, **kwargs)
+        rows.append({"concurrency": level, "requests": len(timings),
+                     "throughput_tps": sum(t.output_tokens for t in timings) / wall,
+                     "ttft_p50": percentile([t.ttft for t in timings], 50),
+                     "e2e_p50": percentile([t.e2e for t in timings], 50),
+                     "decode_tps_p50": percentile([t.decode_tps for t in timings], 50)})
+    return rows
+
+
+def table(timings: list[RequestTiming]) -> dict:
+    """Median and tail figures of a set of runs."""
+    itl = [x for t in timings for x in t.itl]
+    return {"runs": len(timings), "ttft_p50_s": percentile([t.ttft for t in timings], 50),
+            "ttft_p95_s": percentile([t.ttft for t in timings], 95),
+            "decode_tps_p50": percentile([t.decode_tps for t in timings], 50),
+            "itl_p50_ms": 1000 * percentile(itl, 50) if itl else float("nan"),
+            "itl_p99_ms": 1000 * percentile(itl, 99) if itl else float("nan"),
+            "e2e_p50_s": percentile([t.e2e for t in timings], 50)}
+
+
+# ----------------------------------------------------------------------------- tuning
+def brute_force(measure, grid: dict) -> tuple[dict, float, list[dict]]:
+    """Measure every combination of ``grid``; return (best config, its score, all rows)."""
+    import itertools
+    keys = list(grid)
+    rows = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        config = dict(zip(keys, values))
+        rows.append({**config, "score": float(measure(**config))})
+    best = max(rows, key=lambda r: r["score"])
+    return {k: best[k] for k in keys}, best["score"], rows
+
+
+def coordinate_tune(measure, grid: dict, start: dict | None = None, rounds: int = 2) -> tuple[dict, float, int]:
+    """Greedy coordinate search: improve one knob at a time, keeping the others fixed.
+
+    Returns (best config, its score, number of measurements). Far fewer measurements than
+    brute force when knobs are roughly independent (threads, batch size, flash attention are).
+    Measurements are cached, so a configuration is never measured twice.
+    """
+    config = dict(start or {k: v[0] for k, v in grid.items()})
+    cache: dict[tuple, float] = {}
+
+    def score(cfg):
+        key = tuple(sorted(cfg.items()))
+        if key not in cache:
+            cache[key] = float(measure(**cfg))
+        return cache[key]
+
+    best = score(config)
+    for _ in range(rounds):
+        improved = False
+        for knob, values in grid.items():
+            for value in values:
+                candidate = {**config, knob: value}
+                s = score(candidate)
+                if s > best:
+                    config, best, improved = candidate, s, True
+        if not improved:
+            break
+    return config, best, len(cache)
+
+
+# ----------------------------------------------------------------------------- harness overhead
+def harness_overhead(n_tokens: int = 256, per_token_s: float = 0.005) -> float:
+    """Share of decode time the harness itself adds: time a no-op stream with a known schedule."""
+    def fake_stream():
+        for _ in range(n_tokens):
+            deadline = time.perf_counter() + per_token_s
+            while time.perf_counter() < deadline:     # busy-wait: sleep() granularity would dominate
+                pass
+            yield "x"
+    t0 = time.perf_counter()
+    _, e2e, _ = _stream_timing(fake_stream(), t0)
+    return e2e / (n_tokens * per_token_s) - 1
+
+
+# ----------------------------------------------------------------------------- physics
+def memory_bandwidth(n_bytes: int = 256 * 2**20, threads: int = 1, repeats: int = 5) -> float:
+    """Sustained bytes/s of a STREAM-style triad a = b + s·c (best of ``repeats``).
+
+    Counts 3 arrays × n bytes moved per pass (read b, read c, write a), as STREAM does.
+    With ``threads`` > 1 the arrays are split into chunks processed in parallel (numpy releases
+    the GIL inside the kernels).
+    """
+    n = n_bytes // 8
+    b, c = np.random.default_rng(0).random(n), np.random.default_rng(1).random(n)
+    a = np.empty_like(b)
+    tmp = np.empty_like(b)
+    bounds = np.linspace(0, n, threads + 1, dtype=int)
+
+    def triad(lo, hi):
+        np.multiply(c[lo:hi], 3.0, out=tmp[lo:hi])
+        np.add(b[lo:hi], tmp[lo:hi], out=a[lo:hi])
+
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(lambda k: triad(bounds[k], bounds[k + 1]), range(threads)))
+            best = min(best, time.perf_counter() - t0)
+    # multiply+add as two passes: read c, write tmp, read b, read tmp, write a = 5 × n × 8 bytes
+    return 5 * n * 8 / best
+
+
+def decode_bound(bandwidth_bytes_s: float, weight_bytes: float, kv_bytes: float = 0.0, batch: int = 1) -> float:
+    """Upper bound on total decode tokens/s: every step reads all weights once plus each sequence's KV."""
+    if bandwidth_bytes_s <= 0 or weight_bytes <= 0:
+        raise ValueError("bandwidth and weight bytes must be positive")
+    return batch * bandwidth_bytes_s / (weight_bytes + batch * kv_bytes)
+
+
+# ----------------------------------------------------------------------------- cost
+def cost_per_million_tokens(tokens_per_s: float, watts: float, price_per_kwh: float,
+                            hardware_cost: float = 0.0, lifetime_hours: float = 3 * 365 * 24) -> float:
+    """Electricity (+ amortised hardware) cost of one million generated tokens at full load."""
+    if tokens_per_s <= 0:
+        raise ValueError("tokens_per_s must be positive")
+    hours = 1e6 / tokens_per_s / 3600
+    return hours * (watts / 1000 * price_per_kwh + hardware_cost / lifetime_hours)
+
+
+def break_even_tokens_per_month(local_fixed_per_month: float, local_per_million: float, api_per_million: float) -> float:
+    """Monthly volume above which running locally is cheaper than the API (inf if never)."""
+    saving = api_per_million - local_per_million
+    return float("inf") if saving <= 0 else local_fixed_per_month / saving * 1e6
+
+
+# ----------------------------------------------------------------------------- results
+def fingerprint() -> dict:
+    """Who produced a result: machine, engines, time (from labkit.hardware)."""
+    from .hardware import probe
+    hw = probe()
+    return {"cpu": hw.cpu_model, "cores": hw.usable_cores, "ram_gib": round(hw.ram_total_gib, 1),
+            "gpus": [g.name for g in hw.gpus], "engines": hw.engines, "os": hw.os, "node": platform.node(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def save_results(rows: list[dict], path, meta: dict | None = None) -> Path:
+    """Write rows as JSON (with fingerprint) and a CSV beside it."""
+    import pandas as pd
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"fingerprint": fingerprint(), "meta": meta or {}, "rows": rows}
+    path.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    pd.DataFrame(rows).to_csv(path.with_suffix(".csv"), index=False)
+    return path.with_suffix(".json")
+
+
+def load_results(paths) -> "pd.DataFrame":
+    """Rows from several saved runs, each tagged with the machine it came from."""
+    import pandas as pd
+    frames = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        df = pd.DataFrame(data["rows"])
+        df["machine"] = f"{data['fingerprint']['cpu']} / {', '.join(data['fingerprint']['gpus']) or 'no GPU'}"
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+class busy_cores:
+    """Context manager: ``n`` processes spinning on the CPU, to show oversubscription.
+
+    >>> with busy_cores(1) as hog:            # doctest: +SKIP
+    ...     slow = run_llama(llm)
+    """
+
+    def __init__(self, n: int = 1):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        import subprocess
+        import sys
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        time.sleep(0.3)                      # let the scheduler notice them
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+            p.wait()
