@@ -9,117 +9,22 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import re
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LOCK_FILE = REPO_ROOT / "requirements" / "lock.txt"
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-    required: bool = True   # a failed optional check is a warning, not an exit code
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def lock_drift(lock: Path = LOCK_FILE) -> list[tuple[str, str, str | None]]:
-    """(package, locked version, installed version or None) for every mismatch with the lock."""
-    if not lock.exists():
-        return []
-    installed = {_normalise(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()
-                 if d.metadata["Name"]}
-    drift = []
-    for line in lock.read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s;#]+)", line.strip())
-        if not m:
-            continue
-        name, version = _normalise(m.group(1)), m.group(3)
-        have = installed.get(name)
-        # local build tags like +cpu are the same release
-        if have is None or have.split("+")[0] != version.split("+")[0]:
-            drift.append((name, version, have))
-    return drift
-
-
-def doctor_checks(require_gpu: bool = False, min_free_vram_gb: float | None = None) -> list[Check]:
-    from . import hardware, models
-    from .errors import LabkitError
-    checks = [Check("python", sys.version_info >= (3, 10), sys.version.split()[0], "Use Python 3.10 or newer.")]
-    in_venv = sys.prefix != getattr(sys, "base_prefix", sys.prefix)
-    checks.append(Check("virtual environment", in_venv, sys.prefix,
-                        "Run labkit from the lab's environment: `make lab`, or `.venv/bin/labkit ...`.", required=False))
-    for name in models.BUNDLED:
-        try:
-            path = models.get(name)
-            checks.append(Check(f"bundled model {name}", True, f"{path} (checksum verified)"))
-        except LabkitError as exc:
-            checks.append(Check(f"bundled model {name}", False, str(exc), "make setup"))
-    hw = hardware.probe()
-    llama = hw.engines.get("llama.cpp")
-    checks.append(Check("llama-cpp-python", bool(llama), llama or "not installed", "make setup"))
-    try:
-        import importlib.util
-        server_ok = all(importlib.util.find_spec(m) for m in ("uvicorn", "fastapi", "sse_starlette", "starlette_context"))
-    except Exception:
-        server_ok = False
-    checks.append(Check("llama-cpp-python [server] extra", server_ok, "present" if server_ok else "missing", "make setup"))
-    checks.append(Check("vLLM environment (.venv-vllm)", bool(hw.engines.get("vllm")), hw.engines.get("vllm") or "missing",
-                        "make setup (it builds .venv-vllm)", required=False))
-    checks.append(Check("RAM available", hw.ram_available_gib >= 1.0, f"{hw.ram_available_gib:.1f} GiB of {hw.ram_total_gib:.1f} GiB",
-                        "Close other programs; the CPU tier needs ~1 GiB free (vLLM chapter ~4 GiB)."))
-    free_disk = shutil.disk_usage(REPO_ROOT).free / 2**30
-    checks.append(Check("disk free", free_disk >= 2, f"{free_disk:.1f} GiB", "Free at least 2 GiB for caches and build/."))
-    drift = lock_drift()
-    checks.append(Check("versions match requirements/lock.txt", not drift,
-                        "all match" if not drift else "; ".join(f"{n} {have or 'missing'} (lock {want})" for n, want, have in drift[:8])
-                        + (f" … and {len(drift) - 8} more" if len(drift) > 8 else ""),
-                        "make setup (reinstalls from the lock)", required=False))
-    if require_gpu or min_free_vram_gb:
-        gpus = hw.gpus
-        if not gpus:
-            checks.append(Check("GPU", False, "no usable NVIDIA GPU (nvidia-smi lists none)",
-                                "Run on a GPU machine, or drop --require-gpu to allow CPU."))
-        else:
-            best = max(gpus, key=lambda g: g.memory_free_mib or 0)
-            checks.append(Check("GPU", True, f"{best.name}, {(best.memory_free_mib or 0) / 1024:.1f} GiB free"))
-            if min_free_vram_gb:
-                free = (best.memory_free_mib or 0) / 1024
-                checks.append(Check("free VRAM", free >= min_free_vram_gb, f"{free:.1f} GiB (need {min_free_vram_gb} GiB)",
-                                    "Stop other GPU processes (nvidia-smi shows them) or use a smaller model/quant."))
-        if hw.llama_cpp_gpu_offload is False:
-            checks.append(Check("llama.cpp GPU build", False, "this llama-cpp-python was built without GPU offload",
-                                "make setup GPU=1 (rebuilds with -DGGML_CUDA=on)"))
-    return checks
 
 
 def cmd_doctor(args) -> int:
-    checks = doctor_checks(args.require_gpu, args.min_free_vram)
-    width = max(len(c.name) for c in checks)
-    failed = 0
-    for c in checks:
-        mark = "ok  " if c.ok else ("FAIL" if c.required else "warn")
-        print(f"[{mark}] {c.name.ljust(width)}  {c.detail}")
-        if not c.ok:
-            print(f"       {''.ljust(width)}  fix: {c.fix}")
-            failed += c.required
-    print(f"\nlabkit {__version__}: {len(checks) - failed} of {len(checks)} required checks passed" if failed
-          else f"\nlabkit {__version__}: all required checks passed")
-    return 1 if failed else 0
+    from . import doctor
+    checks = doctor.run_checks(model=args.model, n_ctx=args.n_ctx, require_gpu=args.require_gpu,
+                               min_free_vram_gb=args.min_free_vram, ports=args.port or [], start_engine=args.start)
+    print(doctor.to_json(checks) if args.json else doctor.format_checks(checks))
+    return 0 if doctor.passed(checks) else 1
 
 
 def cmd_serve(args) -> int:
@@ -198,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check this environment; exit 1 if a required check fails")
     p.add_argument("--require-gpu", action="store_true", help="fail unless a usable NVIDIA GPU exists (a launch guard)")
     p.add_argument("--min-free-vram", type=float, metavar="GB", help="fail unless a GPU has this much free memory")
+    p.add_argument("--model", default=None, help="check memory headroom for this model (default: $LABKIT_MODEL or smollm2)")
+    p.add_argument("--n-ctx", type=int, default=2048, help="context length for the memory headroom check")
+    p.add_argument("--port", type=int, action="append", help="fail if this port is already taken (repeatable)")
+    p.add_argument("--start", action="store_true", help="also start and stop a llama.cpp server (slower, thorough)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("serve", help="run an engine's server in the foreground")
     p.add_argument("engine", choices=["llama.cpp", "vllm", "ollama"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit import cli, notebook
+from labkit import cli, doctor, notebook
 from labkit.errors import GPURequiredError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def test_doctor_require_gpu_fails_fast_without_one():
 def test_doctor_reports_lock_drift(tmp_path):
     lock = tmp_path / "lock.txt"
     lock.write_text("# comment\nnumpy==0.0.1\npsutil==%s\nnot-installed-pkg==1.0\n" % __import__("psutil").__version__)
-    drift = dict((n, (want, have)) for n, want, have in cli.lock_drift(lock))
+    drift = dict((n, (want, have)) for n, want, have in doctor.lock_drift(lock))
     assert set(drift) == {"numpy", "not-installed-pkg"}
     assert drift["not-installed-pkg"][1] is None
 

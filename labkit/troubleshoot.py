@@ -1,0 +1,176 @@
+"""Diagnoses for the problems chapter 07 reproduces: each turns a silent failure into a clear one.
+
+* :func:`offload_report` — is this ``Llama`` really on the GPU? Read from the build's features
+  (``llama_supports_gpu_offload``) and the load parameters (layers requested vs the model's
+  layer count), not by grepping a debug log line that the default log level never prints.
+* :func:`require_gpu` — the "GPU or nothing" launch guard (also ``labkit doctor --require-gpu``).
+* :func:`preflight_load` — load a GGUF's vocabulary in a *separate process* and explain why
+  llama.cpp refused it (unknown architecture, corrupt file), without risking this kernel.
+* :func:`served_model_check` — llama-cpp-python's server silently answers requests for any
+  model name with its default model; this compares the name with what the server lists.
+* :func:`distinct_ratio` / :func:`repetition_ratio` — numbers for "the output looks wrong".
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import GPURequiredError, LabkitError
+
+
+# ----------------------------------------------------------------------------- GPU offload
+@dataclass
+class OffloadReport:
+    build_supports_gpu: bool
+    gpu_present: bool
+    n_layers: int                # repeating layers of the model
+    requested_gpu_layers: int    # n_gpu_layers as passed (-1 = all)
+    offloaded_layers: int        # what actually runs on the GPU
+
+    @property
+    def verdict(self) -> str:
+        if not self.build_supports_gpu:
+            return ("CPU only: this llama-cpp-python was built without GPU support, so n_gpu_layers is ignored. "
+                    "Rebuild it with `make setup GPU=1` (CMAKE_ARGS=-DGGML_CUDA=on).")
+        if not self.gpu_present:
+            return "CPU only: the build supports GPUs but no GPU is visible (check nvidia-smi, drivers, CUDA_VISIBLE_DEVICES)."
+        if self.offloaded_layers == 0:
+            return "CPU only: n_gpu_layers is 0. Pass n_gpu_layers=-1 to offload every layer."
+        if self.offloaded_layers < self.n_layers:
+            return (f"Partial offload: {self.offloaded_layers} of {self.n_layers} layers on the GPU; the rest run on the "
+                    "CPU and every token waits for them. Raise n_gpu_layers (-1 = all) if it fits.")
+        return f"Full offload: all {self.n_layers} layers on the GPU."
+
+    @property
+    def fully_on_gpu(self) -> bool:
+        return self.verdict.startswith("Full")
+
+
+def offload_report(llm) -> OffloadReport:
+    """Where the layers of a loaded ``llama_cpp.Llama`` run."""
+    import llama_cpp
+    from .hardware import nvidia_gpus
+    supports = bool(llama_cpp.llama_supports_gpu_offload())
+    n_layers = int(llama_cpp.llama_model_n_layer(llm.model))
+    requested = int(llm.model_params.n_gpu_layers)
+    if requested >= 2**31 - 1:      # llama-cpp-python stores -1 ("all") as INT_MAX
+        requested = -1
+    gpu = bool(nvidia_gpus())
+    effective = n_layers if requested < 0 else min(requested, n_layers)
+    offloaded = effective if (supports and gpu) else 0
+    return OffloadReport(supports, gpu, n_layers, requested, offloaded)
+
+
+def require_gpu(min_free_gib: float = 0.0) -> None:
+    """Raise :class:`GPURequiredError` unless an NVIDIA GPU with ``min_free_gib`` free exists."""
+    from .hardware import nvidia_gpus
+    gpus = nvidia_gpus()
+    if not gpus:
+        raise GPURequiredError("No usable NVIDIA GPU: nvidia-smi lists none. This launch requires a GPU "
+                               "(policy: GPU or nothing) — run on a GPU machine, or drop the requirement to allow CPU.")
+    best = max(gpus, key=lambda g: g.memory_free_mib or 0)
+    free = (best.memory_free_mib or 0) / 1024
+    if free < min_free_gib:
+        raise GPURequiredError(f"{best.name} has {free:.1f} GiB free; {min_free_gib:.1f} GiB are required. "
+                               "Stop other GPU processes (nvidia-smi lists them) or choose a smaller model/quant.")
+
+
+# ----------------------------------------------------------------------------- loading a GGUF safely
+class UnsupportedModelError(LabkitError, ValueError):
+    """llama.cpp refused a GGUF (unknown architecture, corrupt tensors, ...)."""
+
+
+_PREFLIGHT = r"""
+import sys
+from llama_cpp import Llama
+Llama(model_path=sys.argv[1], vocab_only=True, verbose=True)
+print("LABKIT-PREFLIGHT-OK")
+"""
+
+
+def preflight_load(path, timeout: float = 60) -> None:
+    """Ask the installed llama.cpp to open ``path`` (vocabulary only) in a child process.
+
+    Raises :class:`UnsupportedModelError` with the reason llama.cpp gave. A child process
+    keeps a crash in native code (which a corrupt file can cause) away from the caller.
+    """
+    from . import models
+    from .gguf import read_header
+    path = Path(path)
+    header = read_header(path)          # labkit's own checks first: magic, version, truncation
+    r = subprocess.run([sys.executable, "-c", _PREFLIGHT, str(path)], capture_output=True, text=True, timeout=timeout)
+    if r.returncode == 0 and "LABKIT-PREFLIGHT-OK" in r.stdout:
+        return
+    log = r.stderr + r.stdout
+    import importlib.metadata
+    version = importlib.metadata.version("llama_cpp_python")
+    m = re.search(r"unknown model architecture: '([^']+)'", log)
+    if m:
+        raise UnsupportedModelError(
+            f"{path.name} declares architecture {m.group(1)!r}, which the installed llama.cpp "
+            f"(llama-cpp-python {version}) does not know. The model is newer than your engine: upgrade "
+            "llama-cpp-python (bump it in requirements/lock.txt, then `make setup`), or pick a model "
+            "with a supported architecture.")
+    tail = "\n".join(line for line in log.splitlines() if "error" in line.lower() or "failed" in line.lower())[-800:]
+    raise UnsupportedModelError(
+        f"llama.cpp (llama-cpp-python {version}) could not load {path.name} "
+        f"(architecture {header.architecture!r}; exit code {r.returncode}). Its messages:\n{tail or log[-800:]}")
+
+
+# ----------------------------------------------------------------------------- servers
+def served_model_check(client, requested: str) -> None:
+    """Raise unless ``requested`` is one of the names the server lists at /v1/models."""
+    served = [m.id for m in client.models.list().data]
+    if requested not in served:
+        raise LabkitError(f"The server does not serve {requested!r}; it serves {served}. "
+                          "Some servers (llama-cpp-python's) answer with their default model anyway — "
+                          "use one of the listed names.")
+
+
+# ----------------------------------------------------------------------------- output quality
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def distinct_ratio(text: str, n: int = 2) -> float:
+    """Distinct n-grams ÷ all n-grams (1.0: no repeats; near 0: a loop)."""
+    w = _words(text)
+    grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def repetition_ratio(text: str, n: int = 3) -> float:
+    """Share of n-grams that already appeared earlier in the text."""
+    return 1.0 - distinct_ratio(text, n)
+
+
+def dictionary_share(text: str, vocabulary: set[str]) -> float:
+    """Share of words found in ``vocabulary`` — drops when sampling is too hot."""
+    w = _words(text)
+    return sum(x in vocabulary for x in w) / len(w) if w else 0.0
+
+
+def with_architecture(src, dst, arch: str) -> Path:
+    """Copy a GGUF, renaming its ``general.architecture`` (same length only, so no offset moves).
+
+    Used to reproduce "a model newer than my llama.cpp": the copy declares an architecture the
+    installed engine has never heard of.
+    """
+    import struct
+    from .gguf import read_header
+    old = read_header(src).architecture or ""
+    if len(arch) != len(old):
+        raise ValueError(f"the new name must have {len(old)} characters, like {old!r}")
+    data = bytearray(Path(src).read_bytes())
+    key = b"general.architecture"
+    needle = struct.pack("<Q", len(key)) + key + struct.pack("<IQ", 8, len(old)) + old.encode()
+    at = data.find(needle)
+    if at < 0:
+        raise ValueError("general.architecture not found where expected")
+    start = at + len(needle) - len(old)
+    data[start:start + len(old)] = arch.encode()
+    Path(dst).write_bytes(bytes(data))
+    return Path(dst)

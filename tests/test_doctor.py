@@ -1,0 +1,70 @@
+"""labkit doctor: each failure induced for real, and the exit code follows."""
+import dataclasses
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labkit import doctor, models
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def by_name(checks):
+    return {c.name: c for c in checks}
+
+
+def test_all_pass_here():
+    checks = doctor.run_checks()
+    assert doctor.passed(checks), doctor.format_checks(checks)
+    assert "memory for default model at n_ctx=2048" in by_name(checks)
+
+
+def test_missing_model_package_fails(monkeypatch):
+    ghost = dataclasses.replace(models.BUNDLED["minilm"], module="labkit_ghost_pkg", package="ghost-pkg")
+    monkeypatch.setitem(models.BUNDLED, "minilm", ghost)
+    checks = doctor.run_checks()
+    c = by_name(checks)["bundled model minilm"]
+    assert not c.ok and "ghost-pkg" in c.detail and not doctor.passed(checks)
+
+
+def test_context_too_large_for_ram_fails():
+    checks = doctor.run_checks(n_ctx=50_000_000)        # a 50M-token KV cache: ~1 TiB
+    c = by_name(checks)["memory for default model at n_ctx=50000000"]
+    assert not c.ok and "quantized KV cache" in c.fix and not doctor.passed(checks)
+
+
+def test_busy_port_fails():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        checks = doctor.run_checks(ports=[port])
+    assert not by_name(checks)[f"port {port}"].ok and not doctor.passed(checks)
+
+
+def test_lock_drift_is_a_warning_not_a_failure(tmp_path):
+    lock = tmp_path / "lock.txt"
+    lock.write_text("numpy==0.0.1\n")
+    checks = doctor.run_checks(lock=lock)
+    c = by_name(checks)["versions match requirements/lock.txt"]
+    assert not c.ok and "numpy" in c.detail and not c.required
+    assert doctor.passed(checks)
+
+
+def test_corrupt_model_path_fails(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(3))
+    checks = doctor.run_checks(model=bad)
+    assert not doctor.passed(checks) and "truncated" in by_name(checks)[f"model {bad}"].detail
+
+
+def test_cli_json_and_exit_code():
+    r = subprocess.run([sys.executable, "-m", "labkit.cli", "doctor", "--json", "--n-ctx", "50000000"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    data = json.loads(r.stdout)
+    assert r.returncode == 1 and data["passed"] is False
+    assert any(not c["ok"] and c["name"].startswith("memory for") for c in data["checks"])
