@@ -53,15 +53,13 @@ def lock_drift(lock: Path = LOCK_FILE) -> list[tuple[str, str, str | None]]:
 
 
 def memory_need_bytes(model=None, n_ctx: int = 2048) -> float:
-    """Bytes a GGUF needs to run at ``n_ctx``: its tensors + an f16 KV cache (chapter 01's formulas)."""
-    from . import memory, models
-    from .gguf import read_header
+    """Bytes a model needs at ``n_ctx`` (GGUF: :func:`labkit.troubleshoot.fit_report`)."""
+    from . import models
+    from .troubleshoot import fit_report
     path = models.get(model)
     if path.is_dir():
-        weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-        return float(weights)
-    arch = memory.from_gguf(path)
-    return read_header(path).tensor_bytes + arch.kv_cache_bytes(n_ctx)
+        return float(sum(p.stat().st_size for p in path.glob("*.safetensors")))
+    return fit_report(path, n_ctx, available_bytes=0).total_bytes
 
 
 def run_checks(model=None, n_ctx: int = 2048, require_gpu: bool = False, min_free_vram_gb: float | None = None,

@@ -27,3 +27,7 @@ class ServerStartError(LabkitError, RuntimeError):
 
 class GPURequiredError(LabkitError, RuntimeError):
     """A GPU was demanded (GPU cell under `make test-gpu`, `--require-gpu`) but none is usable."""
+
+
+class InsufficientMemoryError(LabkitError, MemoryError):
+    """A model/context/KV configuration that will not fit; refused before anything is loaded."""

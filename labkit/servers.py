@@ -307,6 +307,9 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
     name = name or (model_key if model_key in models.BUNDLED else model_path.stem)
     if engine == "ollama" and ":" not in name:
         name += ":latest"
+    if engine == "llama.cpp" and model_path.is_file() and str(options.get("n_ctx", 2048)).isdigit():
+        from .troubleshoot import check_fits
+        check_fits(model_path, n_ctx=int(options.get("n_ctx", 2048)))   # refuse before loading, with the fixes
     if port is not None and not port_is_free(port, host):
         raise PortInUseError(
             f"Port {port} on {host} is already in use{_who_listens(port)}. Stop whatever uses it, pick another "

@@ -78,6 +78,65 @@ def require_gpu(min_free_gib: float = 0.0) -> None:
                                "Stop other GPU processes (nvidia-smi lists them) or choose a smaller model/quant.")
 
 
+# ----------------------------------------------------------------------------- out of memory, refused early
+@dataclass
+class FitReport:
+    weights_bytes: float
+    kv_bytes: float
+    overhead_bytes: float
+    available_bytes: float
+    n_ctx: int
+    kv_type: str
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.kv_bytes + self.overhead_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.available_bytes
+
+
+# llama.cpp's compute buffers beyond weights and KV cache. Chapter 07 measures it for the
+# bundled model (RSS growth on load minus weights and KV: a few MiB to ~30 MiB); bigger
+# models need more, so keep a margin.
+DEFAULT_OVERHEAD_BYTES = 64 * 2**20
+
+
+def fit_report(model=None, n_ctx: int = 2048, kv_type: str = "f16", n_seq: int = 1,
+               available_bytes: float | None = None, headroom: float = 0.8) -> FitReport:
+    """Memory a GGUF needs at this context against what is free (RAM × headroom by default)."""
+    from . import memory, models
+    from .gguf import read_header
+    path = models.get(model)
+    arch = memory.from_gguf(path)
+    if available_bytes is None:
+        import psutil
+        available_bytes = headroom * psutil.virtual_memory().available
+    return FitReport(float(read_header(path).tensor_bytes), arch.kv_cache_bytes(n_ctx, kv_type, n_seq),
+                     float(DEFAULT_OVERHEAD_BYTES), float(available_bytes), n_ctx, kv_type)
+
+
+def check_fits(model=None, n_ctx: int = 2048, kv_type: str = "f16", n_seq: int = 1,
+               available_bytes: float | None = None) -> FitReport:
+    """Raise :class:`InsufficientMemoryError`, naming the numbers and the fixes, unless it fits."""
+    from .errors import InsufficientMemoryError
+    r = fit_report(model, n_ctx, kv_type, n_seq, available_bytes)
+    if not r.fits:
+        gib = 2**30
+        room_for_kv = r.available_bytes - r.weights_bytes - r.overhead_bytes
+        shorter = int(n_ctx * room_for_kv / r.kv_bytes) // 256 * 256 if room_for_kv > 0 else 0
+        context_fix = (f"a shorter context (n_ctx ≈ {shorter} would fit)" if shorter >= 256 else
+                       "a shorter context will not be enough: the weights alone do not fit")
+        raise InsufficientMemoryError(
+            f"Refusing to load: this needs ~{r.total_bytes / gib:.2f} GiB (weights {r.weights_bytes / gib:.2f} + "
+            f"KV cache {r.kv_bytes / gib:.2f} at n_ctx={n_ctx}, {kv_type} + overhead {r.overhead_bytes / gib:.2f}) "
+            f"but only {r.available_bytes / gib:.2f} GiB are available. Fixes: {context_fix}, "
+            "a quantized KV cache (type_k/type_v q8_0 halves it; needs flash attention), "
+            "a smaller quant of the weights, or — on a GPU — fewer layers offloaded (n_gpu_layers).")
+    return r
+
+
 # ----------------------------------------------------------------------------- loading a GGUF safely
 class UnsupportedModelError(LabkitError, ValueError):
     """llama.cpp refused a GGUF (unknown architecture, corrupt tensors, ...)."""

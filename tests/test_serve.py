@@ -131,3 +131,11 @@ def test_vllm_missing_environment_is_named(monkeypatch, tmp_path):
         pytest.skip("vLLM is importable in this interpreter")
     with pytest.raises(EngineNotInstalledError, match="make setup"):
         serve_module.vllm_python()
+
+
+def test_oversized_context_is_refused_before_starting():
+    from labkit.errors import InsufficientMemoryError
+    t0 = time.monotonic()
+    with pytest.raises(InsufficientMemoryError, match=r"n_ctx ≈ \d+ would fit.*q8_0"):
+        labkit.serve("llama.cpp", n_ctx=100_000_000)
+    assert time.monotonic() - t0 < 5 and not running()
