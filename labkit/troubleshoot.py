@@ -233,3 +233,34 @@ def with_architecture(src, dst, arch: str) -> Path:
     data[start:start + len(old)] = arch.encode()
     Path(dst).write_bytes(bytes(data))
     return Path(dst)
+
+
+def overlapping_streams(client, model: str, max_tokens: int = 64, delay_s: float = 0.3) -> dict:
+    """Start a long stream, then a second request while it runs; report what each got.
+
+    With llama-cpp-python's default ``interrupt_requests=True`` the first stream is cut off
+    silently when the second arrives; labkit starts the server with ``False`` so they queue.
+    """
+    import threading
+    import time
+    out = {"first_tokens": 0, "first_finish": None, "first_error": None, "second_tokens": 0}
+
+    def first():
+        try:
+            stream = client.completions.create(model=model, prompt="Once upon a time", max_tokens=max_tokens,
+                                               temperature=0.0, stream=True)
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    out["first_tokens"] += 1
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    out["first_finish"] = chunk.choices[0].finish_reason
+        except Exception as exc:   # report, don't raise: the point is to see what the client saw
+            out["first_error"] = repr(exc)
+
+    t = threading.Thread(target=first)
+    t.start()
+    time.sleep(delay_s)
+    r = client.completions.create(model=model, prompt="The sky is", max_tokens=8, temperature=0.0)
+    out["second_tokens"] = r.usage.completion_tokens
+    t.join(timeout=120)
+    return out
