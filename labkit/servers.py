@@ -299,14 +299,19 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
     """
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+    # Ollama's library names for the bundled models (`ollama pull smollm2:135m` / `all-minilm` on a real one)
+    ollama_names = {"smollm2": "smollm2:135m", "minilm": "all-minilm:latest"}
     if engine == "ollama" and real_ollama() == "running" and port is None:
         oh, op = _ollama_host()
-        return Server(engine, name or str(model or ""), oh, op, api_key, [], Path(os.devnull))
+        key = str(model) if model else (os.environ.get("LABKIT_MODEL") or models.DEFAULT_MODEL)
+        return Server(engine, name or ollama_names.get(key, key), oh, op, api_key, [], Path(os.devnull))
     model_key = str(model) if model else (os.environ.get("LABKIT_MODEL") or models.DEFAULT_MODEL)
     model_path = models.get(model_key)
     name = name or (model_key if model_key in models.BUNDLED else model_path.stem)
-    if engine == "ollama" and ":" not in name:
-        name += ":latest"
+    if engine == "ollama":
+        name = ollama_names.get(name, name)
+        if ":" not in name:
+            name += ":latest"
     if engine == "llama.cpp" and model_path.is_file() and str(options.get("n_ctx", 2048)).isdigit():
         from .troubleshoot import check_fits
         check_fits(model_path, n_ctx=int(options.get("n_ctx", 2048)))   # refuse before loading, with the fixes

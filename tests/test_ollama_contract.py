@@ -1,0 +1,415 @@
+"""Ollama's wire contract (its docs/api.md), checked against labkit's Ollama-compatible server
+always, and against a real Ollama too when one answers at $OLLAMA_HOST (marker ``real_ollama``;
+it needs ``ollama pull smollm2:135m`` and ``ollama pull all-minilm`` first).
+
+The same tests drive the official ``ollama`` client (sync and async), langchain-ollama, the
+``openai`` SDK against ``/v1``, and raw HTTP for field names, types, content types and status codes.
+Tests that only make sense offline (pull refusing, legacy ``modelfile`` field) are labkit-only.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from labkit import servers
+from labkit.modelfile import parse as parse_modelfile
+
+CHAT = "smollm2:135m"
+EMBED = "all-minilm"
+DURATIONS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+QUICK = {"num_predict": 8, "temperature": 0, "seed": 1}
+
+
+@pytest.fixture(scope="module", params=["labkit", pytest.param("real", marks=pytest.mark.real_ollama)])
+def target(request, tmp_path_factory):
+    """(kind, base_url) of the server under test."""
+    if request.param == "real":
+        host, port = servers._ollama_host()
+        base = f"http://{host}:{port}"
+        if not servers._answers(base + "/api/version"):
+            pytest.skip("no real Ollama answers at $OLLAMA_HOST")
+        names = {m["name"] for m in httpx.get(base + "/api/tags", timeout=10).json()["models"]}
+        if not {CHAT, EMBED + ":latest"} <= names:
+            pytest.skip(f"the real Ollama lacks {CHAT} or {EMBED}: run `ollama pull {CHAT}` and `ollama pull {EMBED}`")
+        yield "real", base
+        return
+    store = tmp_path_factory.mktemp("ollama-models")
+    port = servers.free_port()
+    argv = [sys.executable, "-m", "labkit.ollama_compat", "--host", "127.0.0.1", "--port", str(port),
+            "--models-dir", str(store), "--num-thread", "1"]
+    srv = servers._start("ollama", CHAT, "127.0.0.1", port, None, argv, {}, "/api/version", 120)
+    try:
+        yield "labkit", srv.base_url
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def http(target):
+    with httpx.Client(base_url=target[1], timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+def client(target):
+    import ollama
+    return ollama.Client(host=target[1])
+
+
+def labkit_only(target):
+    if target[0] != "labkit":
+        pytest.skip("labkit-specific behaviour")
+
+
+def ndjson(resp) -> list[dict]:
+    return [json.loads(line) for line in resp.iter_lines() if line.strip()]
+
+
+def check_final(obj: dict):
+    assert obj["done"] is True
+    assert obj["done_reason"] in ("stop", "length")
+    for key in DURATIONS + ("prompt_eval_count", "eval_count"):
+        assert isinstance(obj[key], int) and not isinstance(obj[key], bool), key
+    assert obj["total_duration"] >= obj["prompt_eval_duration"] + obj["eval_duration"] > 0
+    assert obj["prompt_eval_count"] > 0 and obj["eval_count"] > 0
+    assert RFC3339.match(obj["created_at"])
+
+
+# ------------------------------------------------------------------------------ raw HTTP
+def test_root_and_version(http):
+    r = http.get("/")
+    assert r.status_code == 200 and r.text == "Ollama is running"
+    assert http.head("/").status_code == 200
+    v = http.get("/api/version")
+    assert v.headers["content-type"].startswith("application/json") and isinstance(v.json()["version"], str)
+
+
+def test_generate_not_streamed_fields(http):
+    r = http.post("/api/generate", json={"model": CHAT, "prompt": "Why is the sky blue?", "stream": False,
+                                         "options": QUICK})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert body["model"] == CHAT and isinstance(body["response"], str) and body["response"]
+    check_final(body)
+    assert body["eval_count"] <= 8 and body["done_reason"] == "length"
+    assert isinstance(body["context"], list) and all(isinstance(t, int) for t in body["context"])
+
+
+def test_generate_streams_ndjson(http):
+    with http.stream("POST", "/api/generate", json={"model": CHAT, "prompt": "Count from 1 to 10.",
+                                                    "options": {**QUICK, "num_predict": 12}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        lines = ndjson(r)
+    assert len(lines) >= 3
+    assert all(x["done"] is False and isinstance(x["response"], str) for x in lines[:-1])
+    assert all(x["model"] == CHAT and RFC3339.match(x["created_at"]) for x in lines)
+    check_final(lines[-1])
+    assert lines[-1]["response"] == ""
+    assert "".join(x["response"] for x in lines[:-1]).strip()
+
+
+def test_chat_streamed_and_not(http):
+    msgs = [{"role": "user", "content": "Say hello."}]
+    with http.stream("POST", "/api/chat", json={"model": CHAT, "messages": msgs, "options": QUICK}) as r:
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lines = ndjson(r)
+    assert len(lines) >= 2 and all(x["message"]["role"] == "assistant" for x in lines)
+    check_final(lines[-1])
+    r = http.post("/api/chat", json={"model": CHAT, "messages": msgs, "options": QUICK, "stream": False})
+    body = r.json()
+    assert body["message"]["role"] == "assistant" and body["message"]["content"]
+    check_final(body)
+    # greedy decoding: the streamed pieces and the single reply agree
+    assert "".join(x["message"]["content"] for x in lines) == body["message"]["content"]
+
+
+def test_options_seed_stop_and_num_predict(http):
+    def gen(**opts):
+        return http.post("/api/generate", json={"model": CHAT, "prompt": "Write a short poem about rain.",
+                                                "stream": False, "options": opts}).json()
+    a, b = gen(temperature=1.0, seed=42, num_predict=16), gen(temperature=1.0, seed=42, num_predict=16)
+    assert a["response"] == b["response"]                       # same seed, same sample
+    short = gen(temperature=0, num_predict=3)
+    assert short["eval_count"] <= 3 and short["done_reason"] == "length"
+    stopped = gen(temperature=0, num_predict=48, stop=["\n", "."])
+    assert "\n" not in stopped["response"] and "." not in stopped["response"]
+
+
+def test_format_json_and_schema(http):
+    r = http.post("/api/generate", json={"model": CHAT, "prompt": "Describe a cat as JSON.", "format": "json",
+                                         "stream": False, "options": {"temperature": 0, "num_predict": 128}})
+    body = r.json()
+    if body["done_reason"] == "stop":           # complete: always well-formed JSON
+        assert isinstance(json.loads(body["response"]), (dict, list))
+    else:                                       # cut by num_predict: still JSON so far
+        assert body["response"].lstrip()[:1] in ("{", "[")
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer"}}, "required": ["name", "age"]}
+    r = http.post("/api/chat", json={"model": CHAT, "format": schema, "stream": False,
+                                     "options": {"temperature": 0, "num_predict": 128},
+                                     "messages": [{"role": "user", "content": "Invent a person. Reply in JSON."}]})
+    data = json.loads(r.json()["message"]["content"])
+    assert isinstance(data["name"], str) and isinstance(data["age"], int)
+
+
+def test_errors_are_documented_and_server_survives(http):
+    r = http.post("/api/generate", json={"model": "no-such-model", "prompt": "hi"})
+    assert r.status_code == 404 and "not found" in r.json()["error"]
+    r = http.post("/api/chat", content=b'{"model": "smollm2:135m", "messages": [', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and isinstance(r.json()["error"], str)
+    r = http.post("/api/generate", json={"prompt": "no model"})
+    assert r.status_code in (400, 404) and "error" in r.json()
+    r = http.post("/api/chat", json={"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+                                     "options": {"temperature": "hot"}})
+    assert r.status_code == 400 and "error" in r.json()
+    assert http.get("/api/version").status_code == 200
+
+
+def test_tags_show_ps(http):
+    models = http.get("/api/tags").json()["models"]
+    entry = next(m for m in models if m["name"] == CHAT)
+    assert entry["model"] == CHAT and isinstance(entry["size"], int) and re.fullmatch(r"[0-9a-f]{64}", entry["digest"])
+    assert RFC3339.match(entry["modified_at"])
+    assert {"format", "family", "parameter_size", "quantization_level"} <= set(entry["details"])
+    info = http.post("/api/show", json={"model": CHAT}).json()
+    assert {"modelfile", "parameters", "template", "details", "model_info"} <= set(info)
+    assert "FROM " in info["modelfile"] and info["model_info"]["general.architecture"] == "llama"
+    http.post("/api/generate", json={"model": CHAT, "prompt": "hi", "stream": False, "options": {"num_predict": 1}})
+    running = http.get("/api/ps").json()["models"]
+    row = next(m for m in running if m["name"] == CHAT)
+    assert row["model"] == CHAT and isinstance(row["size_vram"], int) and RFC3339.match(row["expires_at"])
+
+
+def test_keep_alive_zero_unloads(http):
+    r = http.post("/api/generate", json={"model": CHAT, "keep_alive": "10m"}).json()
+    assert r["done"] is True and r["response"] == ""
+    assert CHAT in [m["name"] for m in http.get("/api/ps").json()["models"]]
+    r = http.post("/api/chat", json={"model": CHAT, "messages": [], "keep_alive": 0}).json()
+    assert r["done_reason"] == "unload" and r["message"]["content"] == ""
+    deadline = time.monotonic() + 10
+    while CHAT in [m["name"] for m in http.get("/api/ps").json()["models"]]:
+        assert time.monotonic() < deadline, "keep_alive 0 did not unload the model"
+        time.sleep(0.2)
+
+
+def test_embed_string_and_list(http):
+    one = http.post("/api/embed", json={"model": EMBED, "input": "Why is the sky blue?"}).json()
+    assert one["model"].startswith(EMBED) and len(one["embeddings"]) == 1
+    assert isinstance(one["total_duration"], int) and isinstance(one["prompt_eval_count"], int)
+    two = http.post("/api/embed", json={"model": EMBED, "input": ["cats purr", "dogs bark"]}).json()
+    assert len(two["embeddings"]) == 2 and len(two["embeddings"][0]) == 384
+    assert abs(math.fsum(x * x for x in two["embeddings"][0]) - 1) < 1e-3        # normalised
+    legacy = http.post("/api/embeddings", json={"model": EMBED, "prompt": "cats purr"}).json()
+    assert len(legacy["embedding"]) == 384
+
+
+def test_pull_is_offline(http, target):
+    labkit_only(target)
+    r = http.post("/api/pull", json={"model": "llama3.2", "stream": False})
+    assert r.status_code >= 400 and "offline" in r.json()["error"]
+    with http.stream("POST", "/api/pull", json={"model": "llama3.2"}) as s:
+        lines = ndjson(s)
+    assert "error" in lines[-1]
+    ok = http.post("/api/pull", json={"model": CHAT, "stream": False}).json()
+    assert ok == {"status": "success"}
+
+
+def test_create_bad_input_is_an_error_and_server_survives(http, target, tmp_path):
+    labkit_only(target)
+    r = http.post("/api/create", json={"model": "broken", "modelfile": "FROM smollm2:135m\nSYSTME hi"})
+    assert r.status_code == 400 and "line 2" in r.json()["error"]
+    r = http.post("/api/create", json={"model": "broken", "from": str(tmp_path / "missing.gguf")})
+    assert r.status_code == 400 and "missing.gguf" in r.json()["error"]
+    r = http.post("/api/create", json={"model": "broken", "from": "no-such-base:1b"})
+    assert r.status_code == 404
+    r = http.post("/api/create", json={"model": "broken", "from": CHAT, "parameters": {"temperature": "hot"}})
+    assert r.status_code == 400
+    r = http.post("/api/create", json={"model": "broken", "from": CHAT, "quantize": "q8_0"})
+    assert r.status_code == 400 and "F16" in r.json()["error"]
+    assert http.get("/api/version").status_code == 200
+
+
+def test_create_from_legacy_modelfile_field(http, target):
+    labkit_only(target)
+    text = 'FROM smollm2:135m\nPARAMETER temperature 0\nSYSTEM """You are a pirate.\nAlways say arr."""'
+    with http.stream("POST", "/api/create", json={"model": "pirate-legacy", "modelfile": text}) as r:
+        statuses = [x["status"] for x in ndjson(r)]
+    assert statuses[-1] == "success"
+    info = http.post("/api/show", json={"model": "pirate-legacy"}).json()
+    assert info["system"] == "You are a pirate.\nAlways say arr." and "temperature" in info["parameters"]
+    assert http.request("DELETE", "/api/delete", json={"model": "pirate-legacy"}).status_code == 200
+
+
+# ------------------------------------------------------------------------------ official client
+def test_ollama_client_sync(client):
+    import ollama
+    names = [m.model for m in client.list().models]
+    assert CHAT in names
+    r = client.generate(model=CHAT, prompt="Hi", options=QUICK)
+    assert r.done and r.eval_count > 0 and isinstance(r.total_duration, int)
+    parts = list(client.chat(model=CHAT, messages=[{"role": "user", "content": "Hi"}], stream=True, options=QUICK))
+    assert len(parts) >= 2 and parts[-1].done and parts[-1].done_reason
+    e = client.embed(model=EMBED, input=["a", "b"])
+    assert len(e.embeddings) == 2
+    s = client.show(CHAT)
+    assert s.details.family == "llama" and s.modelinfo
+    assert CHAT in [m.model for m in client.ps().models]
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 404
+
+
+def test_ollama_client_async(target):
+    import ollama
+
+    async def main():
+        c = ollama.AsyncClient(host=target[1])
+        r = await c.chat(model=CHAT, messages=[{"role": "user", "content": "Hi"}], options=QUICK)
+        chunks = [p async for p in await c.generate(model=CHAT, prompt="Hi", stream=True, options=QUICK)]
+        listed = await c.list()
+        emb = await c.embed(model=EMBED, input="hello")
+        return r, chunks, listed, emb
+    r, chunks, listed, emb = asyncio.run(main())
+    assert r.message.content and len(chunks) >= 2 and chunks[-1].done
+    assert CHAT in [m.model for m in listed.models] and len(emb.embeddings[0]) == 384
+
+
+def test_create_system_is_applied_copy_delete(client):
+    """A model created with SYSTEM answers exactly like the base model given that system prompt."""
+    import ollama
+    persona = "You are a pirate. Answer in one short sentence and say arr."
+    req = parse_modelfile(f'FROM {CHAT}\nPARAMETER temperature 0\nPARAMETER num_predict 16\nSYSTEM "{persona}"')
+    progress = client.create(model="pirate", **{"from_": req.from_, "system": req.system, "parameters": req.parameters})
+    assert progress.status == "success"
+    assert persona in client.show("pirate").modelfile
+    question = [{"role": "user", "content": "Where is the treasure?"}]
+    custom = client.chat(model="pirate", messages=question).message.content
+    base = client.chat(model=CHAT, messages=[{"role": "system", "content": persona}] + question,
+                       options={"temperature": 0, "num_predict": 16}).message.content
+    plain = client.chat(model=CHAT, messages=question, options={"temperature": 0, "num_predict": 16}).message.content
+    assert custom == base and custom != plain
+    assert client.copy("pirate", "pirate-backup:v1").status == "success"
+    assert "pirate-backup:v1" in [m.model for m in client.list().models]
+    assert client.delete("pirate").status == "success"
+    assert client.delete("pirate-backup:v1").status == "success"
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model="pirate", messages=question)            # deleted: documented 404
+    assert info.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as info:
+        client.delete("pirate")
+    assert info.value.status_code == 404
+    with pytest.raises(ollama.ResponseError):
+        client.copy("pirate", "ghost")
+
+
+def test_import_local_gguf_through_blobs(client, smollm2_path):
+    digest = client.create_blob(smollm2_path)
+    assert digest.startswith("sha256:")
+    assert client.create(model="imported-smollm2", files={"model.gguf": digest}).status == "success"
+    r = client.generate(model="imported-smollm2", prompt="Hi", options=QUICK)
+    assert r.eval_count > 0
+    assert client.show("imported-smollm2").details.quantization_level.upper() == "Q4_1"
+    client.delete("imported-smollm2")
+
+
+# ------------------------------------------------------------------------------ other clients
+def test_langchain_ollama(target):
+    from langchain_ollama import ChatOllama, OllamaEmbeddings
+    llm = ChatOllama(model=CHAT, base_url=target[1], temperature=0, num_predict=8)
+    assert llm.invoke("Say hi.").content
+    assert len([c for c in llm.stream("Count to three.")]) >= 2
+    emb = OllamaEmbeddings(model=EMBED, base_url=target[1])
+    docs = emb.embed_documents(["cats purr", "dogs bark"])
+    assert len(docs) == 2 and len(emb.embed_query("kittens")) == 384
+
+
+def test_openai_sdk_v1(target):
+    import openai
+    c = openai.OpenAI(base_url=target[1] + "/v1", api_key="ollama")   # required by the SDK, ignored
+    assert CHAT in [m.id for m in c.models.list().data]
+    r = c.chat.completions.create(model=CHAT, max_tokens=8, temperature=0,
+                                  messages=[{"role": "user", "content": "Say hi."}])
+    assert r.choices[0].message.content and r.usage.completion_tokens > 0 and r.object == "chat.completion"
+    chunks = list(c.chat.completions.create(model=CHAT, max_tokens=8, stream=True,
+                                            messages=[{"role": "user", "content": "Count: 1, 2,"}]))
+    assert len(chunks) > 2
+    comp = c.completions.create(model=CHAT, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert comp.choices[0].text and comp.usage.completion_tokens > 0
+    e = c.embeddings.create(model=EMBED, input=["a", "b"])            # the SDK asks for base64 by default
+    assert len(e.data) == 2 and len(e.data[0].embedding) == 384
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+
+
+def test_two_requests_at_once_both_complete(target):
+    results = []
+
+    def ask():
+        with httpx.Client(base_url=target[1], timeout=120) as c:
+            results.append(c.post("/api/generate", json={"model": CHAT, "prompt": "Hello", "stream": False,
+                                                         "options": QUICK}).json())
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 2 and all(r.get("done") for r in results)
+
+
+# ------------------------------------------------------------------------------ pure helpers
+def test_helpers():
+    from labkit.ollama_compat import APIError, normalize_name, parse_duration, parse_host, render_go_template
+    assert parse_host("0.0.0.0:8080") == ("0.0.0.0", 8080) and parse_host("") == ("127.0.0.1", 11434)
+    assert parse_duration("1m30s") == 90 and parse_duration(-5) == math.inf and parse_duration("250ms") == 0.25
+    with pytest.raises(APIError):
+        parse_duration("five minutes")
+    assert normalize_name("SmolLM2") == "smollm2:latest" and normalize_name("library/x:1b") == "x:1b"
+    with pytest.raises(APIError):
+        normalize_name("bad name!")
+    t = "{{- if .System }}<s>{{ .System }}</s>{{ else }}none{{ end }} [{{ .Prompt }}] {{ .Response }}END"
+    assert render_go_template(t, {"System": "S", "Prompt": "P"}) == "<s>S</s> [P] "
+    assert render_go_template(t, {"Prompt": "P", "Response": "R"}, stop_at_response=False) == "none [P] REND"
+    with pytest.raises(APIError, match="range"):
+        render_go_template("{{ range .Messages }}x{{ end }}", {})
+
+
+def test_error_mid_stream_is_a_last_json_line(tmp_path):
+    """Once streaming started the status is 200; a failure arrives as a final {"error": ...} line."""
+    from starlette.testclient import TestClient
+    from labkit import ollama_compat
+
+    service = ollama_compat.make_service(tmp_path, num_thread=1)
+
+    def failing_run(inst, tokens, opts, grammar, stats):
+        yield "partial"
+        raise RuntimeError("the model failed to generate a response")
+    service.run = failing_run
+    with TestClient(ollama_compat.build_app(service)) as tc:
+        r = tc.post("/api/generate", json={"model": CHAT, "prompt": "hi"})
+        lines = [json.loads(x) for x in r.text.splitlines() if x]
+        assert r.status_code == 200 and lines[0]["response"] == "partial"
+        assert "failed to generate" in lines[-1]["error"]
+        assert tc.get("/api/version").status_code == 200            # and it keeps serving
+        r = tc.post("/api/generate", json={"model": CHAT, "prompt": "hi", "stream": False})
+        assert r.status_code == 500 and "failed to generate" in r.json()["error"]
+
+
+def test_serve_and_busy_port(tmp_path):
+    import subprocess
+    import labkit
+    if servers.real_ollama():
+        pytest.skip("a real Ollama is installed: labkit.serve('ollama') uses it")
+    with labkit.serve("ollama", models_dir=tmp_path) as srv:
+        assert srv.model == CHAT and httpx.get(srv.base_url + "/api/version").status_code == 200
+        busy = subprocess.run([sys.executable, "-m", "labkit.ollama_compat", "--port", str(srv.port),
+                               "--models-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert busy.returncode == 1 and "address already in use" in busy.stdout
