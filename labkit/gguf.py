@@ -205,3 +205,222 @@ def _parse(f: BinaryIO, label: str, size: int) -> GGUFHeader:
                 f"{size:,} bytes ({end - size:,} bytes missing). "
                 "The download was probably interrupted: download it again.")
     return header
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 01: inspecting, dequantizing and quantizing whole files.
+
+_HPARAM_KEYS = [  # (label, key under the architecture prefix)
+    ("layers", "block_count"), ("context_length", "context_length"), ("embedding_length", "embedding_length"),
+    ("feed_forward_length", "feed_forward_length"), ("attention_heads", "attention.head_count"),
+    ("kv_heads", "attention.head_count_kv"), ("rope_freq_base", "rope.freq_base"),
+    ("rope_dimension_count", "rope.dimension_count"), ("vocab_size", "vocab_size"),
+    ("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
+]
+
+
+@dataclass
+class Inspection:
+    """What :func:`inspect` found in a GGUF file: hyper-parameters, tokenizer, tensors and totals."""
+
+    header: GGUFHeader
+    hparams: dict[str, Any]
+    tokenizer: dict[str, Any]
+    chat_template: str | None
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        return self.header.tensors
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average over all tensors: 8 × tensor bytes / parameters (the file's real bpw)."""
+        return 8 * self.header.tensor_bytes / self.header.n_parameters
+
+    def summary(self) -> dict[str, Any]:
+        h = self.header
+        return {"path": h.path, "gguf_version": h.version, "architecture": h.architecture,
+                "name": h.metadata.get("general.name"), "file_type": h.metadata.get("general.file_type"),
+                "file_bytes": h.file_size, "tensor_bytes": h.tensor_bytes,
+                "metadata_bytes": h.data_offset, "n_tensors": len(h.tensors), "n_parameters": h.n_parameters,
+                "bits_per_weight": round(self.bits_per_weight, 4), **self.hparams,
+                **{f"tokenizer_{k}": v for k, v in self.tokenizer.items()},
+                "chat_template": "yes" if self.chat_template else "no"}
+
+    def table(self):
+        """One row per tensor: name, shape (ggml order: row length first), type, bytes, bpw."""
+        import pandas as pd
+        return pd.DataFrame([{"name": t.name, "shape": "×".join(map(str, t.shape)), "row_length": t.shape[0],
+                              "type": t.type_name, "parameters": t.n_elements, "bytes": t.n_bytes,
+                              "bpw": round(t.bits_per_weight, 4)} for t in self.tensors])
+
+    def by_type(self):
+        """Tensors grouped by ggml type: how many, their parameters, bytes and share of the file."""
+        df = self.table()
+        g = df.groupby("type").agg(tensors=("name", "count"), parameters=("parameters", "sum"), bytes=("bytes", "sum"))
+        g["bpw"] = (8 * g["bytes"] / g["parameters"]).round(4)
+        g["share_of_bytes"] = (g["bytes"] / g["bytes"].sum()).round(4)
+        return g.sort_values("bytes", ascending=False)
+
+
+def inspect(path: str | os.PathLike) -> Inspection:
+    """Read a GGUF file's header, hyper-parameters, tokenizer facts and tensor table (no tensor data).
+
+    Raises :class:`CorruptModelError` with a clear message for a non-GGUF or truncated file.
+    """
+    h = read_header(path)
+    hparams = {label: h.arch_value(key) for label, key in _HPARAM_KEYS if h.arch_value(key) is not None}
+    heads = hparams.get("attention_heads")
+    head_dim = h.arch_value("attention.key_length")
+    if head_dim is None and heads and hparams.get("embedding_length"):
+        head_dim = hparams["embedding_length"] // heads
+    if head_dim is not None:
+        hparams["head_dim"] = head_dim
+    meta = h.metadata
+    tokens = meta.get("tokenizer.ggml.tokens")
+    tokenizer = {"model": meta.get("tokenizer.ggml.model"), "pre": meta.get("tokenizer.ggml.pre"),
+                 "n_tokens": len(tokens) if tokens is not None else None,
+                 "n_merges": len(meta.get("tokenizer.ggml.merges") or []),
+                 "bos_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_id": meta.get("tokenizer.ggml.eos_token_id")}
+    return Inspection(h, hparams, tokenizer, meta.get("tokenizer.chat_template"))
+
+
+def _copy_metadata(reader, writer, skip: set[str]) -> None:
+    """Copy every key/value pair with its exact GGUF value type (arrays keep their element type)."""
+    from gguf import GGUFValueType
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in skip:
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+
+
+def to_float(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f16") -> Path:
+    """Dequantize every tensor of ``src`` into an F16 (or F32) GGUF at ``dst``, keeping all metadata.
+
+    Matrices become ``dtype``; 1-D tensors (norms, biases) stay F32, as llama.cpp keeps them.
+    Tokenizer, chat template and hyper-parameters are copied unchanged; ``general.file_type``
+    is updated. The file is written to a temporary name and renamed, so a crash leaves no
+    half-written model behind.
+    """
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import quants as gguf_quants
+    from gguf.constants import GGMLQuantizationType
+    from . import quant
+
+    dtype = dtype.lower()
+    if dtype not in ("f16", "f32"):
+        raise ValueError(f"dtype must be 'f16' or 'f32', got {dtype!r}")
+    read_header(src)                       # clear errors for a bad file before the gguf package sees it
+    reader = GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".part")
+    writer = GGUFWriter(str(tmp), arch)
+    _copy_metadata(reader, writer, skip={"general.architecture", "general.file_type", "general.quantization_version"})
+    writer.add_key_value("general.file_type", 1 if dtype == "f16" else 0, GGUFValueType.UINT32)  # LLAMA_FTYPE_MOSTLY_F16 / ALL_F32
+    for t in reader.tensors:
+        shape = tuple(int(s) for s in reversed(t.shape))          # numpy order: row length last
+        raw = np.asarray(t.data)
+        name = t.tensor_type.name
+        if name in quant.DEQUANTIZE_TYPES:
+            values = quant.dequantize(raw.tobytes(), name, shape)
+        else:                                                     # types labkit.quant does not implement
+            values = gguf_quants.dequantize(raw, GGMLQuantizationType(t.tensor_type)).reshape(shape)
+        out = values.astype(np.float16) if (dtype == "f16" and len(shape) > 1) else values.astype(np.float32)
+        writer.add_tensor(t.name, out)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    read_header(tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+# llama.cpp's quantization presets (llama.h `enum llama_ftype`) by the names its tools use.
+FTYPES = {"F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+          "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+          "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+          "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+          "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+          "Q3_K_L": "LLAMA_FTYPE_MOSTLY_Q3_K_L", "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+          "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
+
+
+class _CaptureStderr:
+    """Send C-level writes to fd 2 (llama.cpp's per-tensor log) into a buffer instead of the notebook."""
+
+    def __enter__(self):
+        import tempfile
+        self._file = tempfile.TemporaryFile(mode="w+b")
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", errors="replace")
+        self._file.close()
+        return False
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *, n_threads: int = 0,
+             allow_requantize: bool = True) -> Path:
+    """Quantize a GGUF with llama.cpp's own quantizer (``llama_model_quantize``) to preset ``qtype``.
+
+    ``qtype`` is a llama.cpp preset name (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K, …).
+    Start from an F16/F32 file (:func:`to_float`) — quantizing an already quantized file needs
+    ``allow_requantize`` and compounds the errors. Returns ``dst``; llama.cpp's log is kept in
+    ``quantize.last_log``.
+    """
+    import ctypes
+    import llama_cpp
+    key = qtype.upper()
+    if key not in FTYPES:
+        raise ValueError(f"Unknown llama.cpp quantization preset {qtype!r}; known: {', '.join(FTYPES)}")
+    read_header(src)
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".part")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, FTYPES[key])
+    params.nthread = n_threads
+    params.allow_requantize = allow_requantize
+    with _CaptureStderr() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    quantize.last_log = log.text
+    if rc != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        tail = "\n".join(log.text.strip().splitlines()[-5:])
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {key} (return code {rc}):\n{tail}")
+    read_header(tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+quantize.last_log = ""
+
+
+def ladder(src: str | os.PathLike, qtypes, *, cache: str | os.PathLike | None = None) -> dict[str, Path]:
+    """F16 and each preset in ``qtypes`` built from ``src``, cached by the source's SHA-256.
+
+    Files live under ``$LABKIT_CACHE/ladder/<sha12>/``; a rerun finds them and returns at once.
+    """
+    from .models import cache_dir, sha256
+    src = Path(src)
+    folder = Path(cache) if cache else cache_dir() / "ladder" / sha256(src)[:12]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"F16": folder / f"{src.stem}-F16.gguf"}
+    if not paths["F16"].exists():
+        to_float(src, paths["F16"], "f16")
+    for q in qtypes:
+        q = q.upper()
+        if q == "F16":
+            continue
+        paths[q] = folder / f"{src.stem}-{q}.gguf"
+        if not paths[q].exists():
+            quantize(paths["F16"], paths[q], q)
+    return paths

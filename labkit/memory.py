@@ -98,3 +98,207 @@ def from_gguf(path) -> Architecture:
     head_dim = h.arch_value("attention.key_length") or int(h.arch_value("embedding_length")) // n_heads
     return Architecture(str(h.metadata.get("general.name", path)), float(h.n_parameters),
                         int(h.arch_value("block_count")), n_heads, int(n_kv), int(head_dim), f"GGUF header of {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 01: a full estimate (weights + KV cache + runtime overhead), validated against llama.cpp.
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Published architecture numbers of a model (from its config.json), enough to size it."""
+
+    name: str
+    n_params: float
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    source: str
+
+    def architecture(self) -> Architecture:
+        return Architecture(self.name, self.n_params, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.source)
+
+
+# Each row read from the model's config.json on Hugging Face (hidden_size, intermediate_size,
+# num_hidden_layers, num_attention_heads, num_key_value_heads, vocab_size); parameter counts
+# as the model cards state them (SmolLM2: counted from the bundled GGUF's tensors).
+PRESETS: dict[str, ModelConfig] = {m.name: m for m in [
+    ModelConfig("SmolLM2-135M", 134_515_008, 30, 9, 3, 64, 576, 1536, 49152, "huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ModelConfig("Qwen2.5-0.5B", 0.49e9, 24, 14, 2, 64, 896, 4864, 151936, "huggingface.co/Qwen/Qwen2.5-0.5B-Instruct"),
+    ModelConfig("Qwen2.5-1.5B", 1.54e9, 28, 12, 2, 128, 1536, 8960, 151936, "huggingface.co/Qwen/Qwen2.5-1.5B-Instruct"),
+    ModelConfig("Qwen2.5-3B", 3.09e9, 36, 16, 2, 128, 2048, 11008, 151936, "huggingface.co/Qwen/Qwen2.5-3B-Instruct"),
+    ModelConfig("Qwen2.5-7B", 7.62e9, 28, 28, 4, 128, 3584, 18944, 152064, "huggingface.co/Qwen/Qwen2.5-7B-Instruct"),
+    ModelConfig("Qwen2.5-14B", 14.7e9, 48, 40, 8, 128, 5120, 13824, 152064, "huggingface.co/Qwen/Qwen2.5-14B-Instruct"),
+    ModelConfig("Qwen2.5-32B", 32.5e9, 64, 40, 8, 128, 5120, 27648, 152064, "huggingface.co/Qwen/Qwen2.5-32B-Instruct"),
+    ModelConfig("Qwen2.5-72B", 72.7e9, 80, 64, 8, 128, 8192, 29568, 152064, "huggingface.co/Qwen/Qwen2.5-72B-Instruct"),
+    ModelConfig("Llama-3.1-8B", 8.03e9, 32, 32, 8, 128, 4096, 14336, 128256, "huggingface.co/meta-llama/Llama-3.1-8B-Instruct"),
+    ModelConfig("Llama-3.1-70B", 70.6e9, 80, 64, 8, 128, 8192, 28672, 128256, "huggingface.co/meta-llama/Llama-3.1-70B-Instruct"),
+]}
+
+# Memory sizes to compare an estimate with (GB as vendors count them: 10^9 bytes).
+# GPU figures: vendor specifications (see ../shared/facts.md).
+DEVICES = [("RTX 4070 Ti (12 GB)", 12e9), ("RTX 4090 (24 GB)", 24e9), ("A100 / H100 (80 GB)", 80e9),
+           ("8 GB RAM", 8e9), ("16 GB RAM", 16e9), ("32 GB RAM", 32e9), ("64 GB RAM", 64e9)]
+
+CTX_PAD = 256                 # llama.cpp rounds the context up to a multiple of 256 cells
+VOCAB_BYTES_PER_TOKEN = 512   # tokenizer tables in RAM, measured on the bundled model (≈ 24 MiB for 49k tokens)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes a model needs in llama.cpp, by part. ``n_ctx_cells`` is the context llama.cpp allocates."""
+
+    model: str
+    quant: str
+    n_ctx: int
+    n_ctx_cells: int
+    kv_type: str
+    n_seq: int
+    weights_bytes: float
+    kv_bytes: float
+    overhead_bytes: float
+    source: str
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.kv_bytes + self.overhead_bytes
+
+    def fits(self, capacity_bytes: float, headroom: float = 0.9) -> bool:
+        """True when the total uses at most ``headroom`` of the memory (the rest: OS, other programs)."""
+        return self.total_bytes <= headroom * capacity_bytes
+
+    def table(self) -> list[tuple[str, float]]:
+        gib = 2 ** 30
+        return [("weights", self.weights_bytes / gib), (f"KV cache ({self.n_ctx_cells} cells, {self.kv_type})", self.kv_bytes / gib),
+                ("overhead (activations, vocab)", self.overhead_bytes / gib), ("total", self.total_bytes / gib)]
+
+
+def padded_context(n_ctx: int) -> int:
+    """The number of KV cells llama.cpp allocates for a requested context."""
+    if n_ctx <= 0:
+        raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+    return -(-n_ctx // CTX_PAD) * CTX_PAD
+
+
+def overhead_bytes(cfg: ModelConfig, n_seq: int = 1, n_ubatch: int = 512) -> float:
+    """Runtime memory beyond weights and KV: one micro-batch's largest activations (attention
+    scores heads × batch², FFN and residual streams), the output logits, and tokenizer tables.
+
+    An approximation (llama.cpp reserves a worst-case compute buffer, but only touched pages
+    become resident), checked against measured RSS on the bundled model in chapter 01.
+    """
+    activations = 4 * n_ubatch * (cfg.n_heads * n_ubatch + 3 * cfg.n_ff + 4 * cfg.n_embd)
+    return activations + 4 * cfg.n_vocab * n_seq + VOCAB_BYTES_PER_TOKEN * cfg.n_vocab
+
+
+def config_from_gguf(path) -> tuple[ModelConfig, float, str]:
+    """(config, real tensor bytes, file type name) read from a GGUF header."""
+    from .gguf import inspect
+    info = inspect(path)
+    h, hp = info.header, info.hparams
+    k_len = h.arch_value("attention.key_length") or hp["head_dim"]
+    tokens = h.metadata.get("tokenizer.ggml.tokens")
+    n_vocab = hp.get("vocab_size") or (len(tokens) if tokens else 0)
+    cfg = ModelConfig(str(h.metadata.get("general.name", path)), float(h.n_parameters), int(hp["layers"]),
+                      int(hp["attention_heads"]), int(hp.get("kv_heads", hp["attention_heads"])), int(k_len),
+                      int(hp["embedding_length"]), int(hp.get("feed_forward_length", 4 * hp["embedding_length"])),
+                      int(n_vocab), f"GGUF header of {path}")
+    types = info.by_type()
+    return cfg, float(h.tensor_bytes), str(types.index[0])
+
+
+def estimate(model, quant: str | None = None, n_ctx: int = 4096, kv_type: str = "f16", n_seq: int = 1,
+             n_ubatch: int = 512) -> Estimate:
+    """Memory llama.cpp needs for ``model``: weights + KV cache + overhead.
+
+    ``model`` is a GGUF path (its real tensor sizes and hyper-parameters are read; ``quant``
+    other than None re-estimates the weights at that quantization) or a preset name from
+    :data:`PRESETS` (weights = parameters × bits-per-weight of ``quant``, default Q4_K_M).
+    The KV cache counts **KV heads** (grouped-query attention) and the context llama.cpp
+    actually allocates (rounded up to 256 cells).
+    """
+    from pathlib import Path
+    if kv_type.lower() not in KV_BYTES_PER_ELEMENT:
+        raise ValueError(f"Unknown KV cache type {kv_type!r}; known: {', '.join(KV_BYTES_PER_ELEMENT)}")
+    if n_seq <= 0:
+        raise ValueError(f"n_seq must be positive, got {n_seq}")
+    cells = padded_context(n_ctx)
+    if isinstance(model, ModelConfig):
+        cfg, weights, label, source = model, None, model.name, model.source
+    elif str(model) in PRESETS:
+        cfg = PRESETS[str(model)]
+        weights, label, source = None, cfg.name, cfg.source
+    elif Path(str(model)).suffix == ".gguf" or Path(str(model)).is_file():
+        cfg, weights, file_type = config_from_gguf(model)
+        label, source = cfg.name, cfg.source
+        if quant is None:
+            quant = f"file ({file_type} mostly)"
+    else:
+        raise ValueError(f"{model!r} is neither a GGUF file nor a preset; presets: {', '.join(PRESETS)}")
+    if weights is None or not (quant or "").startswith("file"):
+        quant = quant or "Q4_K_M"
+        weights = weights_bytes(cfg.n_params, quant)
+    kv = kv_cache_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cells, kv_type, n_seq)
+    return Estimate(label, quant, n_ctx, cells, kv_type.lower(), n_seq, float(weights), float(kv),
+                    float(overhead_bytes(cfg, n_seq, n_ubatch)), source)
+
+
+def llamacpp_allocation(path, n_ctx: int, kv_type: str = "f16", n_seq: int = 1) -> dict:
+    """Create a llama.cpp context and read back what it allocated, from its own log lines.
+
+    Returns ``{"kv_mib": …, "cells": …, "k_mib": …, "v_mib": …, "compute_mib": …, "model_mib": …}``
+    (llama.cpp prints MiB with two decimals, so compare within 0.005 MiB).
+    """
+    import contextlib
+    import io
+    import re
+    import llama_cpp
+    from llama_cpp import Llama
+    kw = {}
+    if kv_type.lower() != "f16":
+        ggml_type = getattr(llama_cpp, f"GGML_TYPE_{kv_type.upper()}")
+        kw = dict(type_k=ggml_type, type_v=ggml_type, flash_attn=True)   # a quantized V cache needs flash attention
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_seq_max=n_seq, verbose=True, **kw)
+        llm.close()
+    text = log.getvalue()
+
+    def grab(pattern):
+        m = re.search(pattern, text)
+        if not m:
+            raise RuntimeError(f"llama.cpp's log has no line matching {pattern!r}; its format changed?")
+        return m.groups()
+
+    size, cells = grab(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells")
+    k, v = grab(r"K \(\w+\):\s*([\d.]+) MiB, V \(\w+\):\s*([\d.]+) MiB")
+    compute, = grab(r"CPU compute buffer size =\s*([\d.]+) MiB")
+    model_mib, = grab(r"model buffer size =\s*([\d.]+) MiB")
+    return {"kv_mib": float(size), "cells": int(cells), "k_mib": float(k), "v_mib": float(v),
+            "compute_mib": float(compute), "model_mib": float(model_mib)}
+
+
+def measure_rss(path, n_ctx: int, n_prompt: int = 512, n_threads: int | None = None) -> dict:
+    """Resident memory added by loading ``path`` with ``n_ctx`` and processing a prompt, measured
+    in a fresh subprocess (so nothing else in this process distorts it). Bytes."""
+    import json
+    import subprocess
+    import sys
+    code = f"""
+import json, psutil
+from llama_cpp import Llama
+p = psutil.Process(); before = p.memory_info().rss
+llm = Llama(model_path={str(path)!r}, n_ctx={n_ctx}, n_batch=512, n_threads={n_threads!r}, verbose=False)
+toks = (llm.tokenize(b"The keepers wrote down the weather at fixed hours. " * 200))[:{min(n_prompt, n_ctx - 8)}]
+llm.eval(toks)
+for _ in range(4):
+    llm.eval([42])
+print(json.dumps({{"rss_delta": p.memory_info().rss - before}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"RSS measurement failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

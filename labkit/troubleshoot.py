@@ -81,40 +81,32 @@ def require_gpu(min_free_gib: float = 0.0) -> None:
 # ----------------------------------------------------------------------------- out of memory, refused early
 @dataclass
 class FitReport:
-    weights_bytes: float
-    kv_bytes: float
-    overhead_bytes: float
-    available_bytes: float
-    n_ctx: int
-    kv_type: str
+    """:func:`labkit.memory.estimate` set against the memory that is free."""
 
-    @property
-    def total_bytes(self) -> float:
-        return self.weights_bytes + self.kv_bytes + self.overhead_bytes
+    estimate: "object"          # labkit.memory.Estimate
+    available_bytes: float
+
+    weights_bytes = property(lambda self: self.estimate.weights_bytes)
+    kv_bytes = property(lambda self: self.estimate.kv_bytes)
+    overhead_bytes = property(lambda self: self.estimate.overhead_bytes)
+    total_bytes = property(lambda self: self.estimate.total_bytes)
+    n_ctx = property(lambda self: self.estimate.n_ctx)
+    kv_type = property(lambda self: self.estimate.kv_type)
 
     @property
     def fits(self) -> bool:
         return self.total_bytes <= self.available_bytes
 
 
-# llama.cpp's compute buffers beyond weights and KV cache. Chapter 07 measures it for the
-# bundled model (RSS growth on load minus weights and KV: a few MiB to ~30 MiB); bigger
-# models need more, so keep a margin.
-DEFAULT_OVERHEAD_BYTES = 64 * 2**20
-
-
 def fit_report(model=None, n_ctx: int = 2048, kv_type: str = "f16", n_seq: int = 1,
                available_bytes: float | None = None, headroom: float = 0.8) -> FitReport:
-    """Memory a GGUF needs at this context against what is free (RAM × headroom by default)."""
+    """Memory a GGUF needs at this context (chapter 01's estimator) against free RAM × headroom."""
     from . import memory, models
-    from .gguf import read_header
     path = models.get(model)
-    arch = memory.from_gguf(path)
     if available_bytes is None:
         import psutil
         available_bytes = headroom * psutil.virtual_memory().available
-    return FitReport(float(read_header(path).tensor_bytes), arch.kv_cache_bytes(n_ctx, kv_type, n_seq),
-                     float(DEFAULT_OVERHEAD_BYTES), float(available_bytes), n_ctx, kv_type)
+    return FitReport(memory.estimate(path, n_ctx=n_ctx, kv_type=kv_type, n_seq=n_seq), float(available_bytes))
 
 
 def check_fits(model=None, n_ctx: int = 2048, kv_type: str = "f16", n_seq: int = 1,

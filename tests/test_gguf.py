@@ -88,3 +88,72 @@ def test_truncated_by_one_byte(smollm2_path, tmp_path):
 def test_absurd_counts():
     with pytest.raises(CorruptModelError, match="claims"):
         read_header(io.BytesIO(b"GGUF" + struct.pack("<IQQ", 3, 2**40, 0) + bytes(64)))
+
+
+# --- chapter 01: inspect / to_float / quantize ---------------------------------------------------
+
+def test_inspect_bundled_file(smollm2_path):
+    from labkit.gguf import inspect
+    info = inspect(smollm2_path)
+    s = info.summary()
+    assert (s["layers"], s["attention_heads"], s["kv_heads"], s["head_dim"]) == (30, 9, 3, 64)
+    assert s["context_length"] == 8192 and s["tokenizer_n_tokens"] == 49152 and s["chat_template"] == "yes"
+    table = info.table()
+    assert len(table) == len(info.tensors) and table["bytes"].sum() == info.header.tensor_bytes
+    by_type = info.by_type()
+    assert set(by_type.index) == {"Q4_1", "Q8_0", "F32"}
+    assert by_type.loc["Q4_1", "bpw"] == 5.0 and by_type.loc["Q8_0", "bpw"] == 8.5
+    assert 5.0 < info.bits_per_weight < 8.5
+
+
+def test_inspect_rejects_non_gguf(tmp_path):
+    from labkit.gguf import inspect
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(CorruptModelError, match="not a GGUF"):
+        inspect(p)
+
+
+@pytest.fixture(scope="module")
+def f16_file(smollm2_path, tmp_path_factory):
+    from labkit.gguf import to_float
+    return to_float(smollm2_path, tmp_path_factory.mktemp("f16") / "smol-f16.gguf", "f16")
+
+
+def test_to_float_keeps_metadata_and_values(smollm2_path, f16_file):
+    from gguf import GGUFReader
+    from labkit import quant
+    src, out = read_header(smollm2_path), read_header(f16_file)
+    for key, value in src.metadata.items():
+        if key not in ("general.file_type", "general.quantization_version"):   # describe the quantized source
+            assert out.metadata[key] == value, key
+    assert out.metadata["general.file_type"] == 1
+    types = {t.name: t.type_name for t in out.tensors}
+    assert all(types[t.name] == ("F32" if len(t.shape) == 1 else "F16") for t in src.tensors)
+    # one real matrix: F16 of the exact dequantized values
+    name = "blk.0.attn_q.weight"
+    a = {t.name: t for t in GGUFReader(smollm2_path).tensors}[name]
+    b = {t.name: t for t in GGUFReader(f16_file).tensors}[name]
+    shape = tuple(int(s) for s in reversed(a.shape))
+    expected = quant.llamacpp_dequantize(np.asarray(a.data).tobytes(), "Q4_1", shape).astype(np.float16)
+    assert np.array_equal(np.asarray(b.data).reshape(shape), expected)
+
+
+def test_to_float_bad_dtype(smollm2_path, tmp_path):
+    from labkit.gguf import to_float
+    with pytest.raises(ValueError, match="f16"):
+        to_float(smollm2_path, tmp_path / "x.gguf", "int8")
+
+
+def test_quantize_with_llamacpp_and_fallback(f16_file, tmp_path):
+    from labkit.gguf import inspect, quantize
+    out = quantize(f16_file, tmp_path / "q4km.gguf", "Q4_K_M")
+    info = inspect(out)
+    types = {t.name: t.type_name for t in info.tensors}
+    # 576-wide rows cannot hold 256-weight K-quant super-blocks: legacy fallback
+    assert types["blk.0.attn_q.weight"] in {"Q5_0", "Q5_1", "Q8_0", "Q4_0", "Q4_1"}
+    # 1536-wide rows (ffn_down) keep real K-quants
+    assert types["blk.0.ffn_down.weight"] in {"Q4_K", "Q6_K"}
+    assert abs(info.header.file_size - out.stat().st_size) == 0
+    with pytest.raises(ValueError, match="preset"):
+        quantize(f16_file, tmp_path / "x.gguf", "Q9_Z")

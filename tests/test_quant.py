@@ -1,0 +1,203 @@
+"""labkit.quant: bit-exact with ggml (llama.cpp's C code) and the gguf package, on random, edge and real tensors."""
+import time
+
+import numpy as np
+import pytest
+
+from labkit import quant
+
+LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+KQUANTS = ["Q4_K", "Q6_K"]
+ALL = LEGACY + KQUANTS
+
+
+def _gguf_type(name):
+    from gguf.constants import GGMLQuantizationType
+    return GGMLQuantizationType[name]
+
+
+def _edge_cases():
+    rng = np.random.default_rng(7)
+    n = 512
+    return {
+        "normal": (rng.standard_normal((8, n)) * 0.02).astype(np.float32),
+        "zeros": np.zeros((2, n), np.float32),
+        "constant_positive": np.full((2, n), 0.3, np.float32),
+        "constant_negative": np.full((2, n), -0.7, np.float32),
+        "huge": (rng.standard_normal((2, n)) * 1e4).astype(np.float32),
+        "small": (rng.standard_normal((2, n)) * 1e-6).astype(np.float32),
+        "half_zero": np.concatenate([np.zeros((2, 256)), rng.standard_normal((2, 256))], axis=1).astype(np.float32),
+        "integers": rng.integers(-8, 8, (2, n)).astype(np.float32),       # exact ties when scaled
+        "outliers": np.where(rng.random((2, n)) < 0.01, 5.0, rng.standard_normal((2, n)) * 0.01).astype(np.float32),
+        "plus_minus_same_max": np.tile(np.r_[np.float32(-1), np.linspace(-0.5, 0.5, 30, dtype=np.float32), np.float32(1)], (2, n // 32)),
+    }
+
+
+@pytest.mark.parametrize("qtype", ALL)
+@pytest.mark.parametrize("case", list(_edge_cases()))
+def test_quantize_matches_llamacpp_bit_for_bit(qtype, case):
+    x = _edge_cases()[case]
+    ours = quant.quantize(x, qtype)
+    assert ours == quant.llamacpp_quantize(x, qtype)
+    assert len(ours) == quant.n_bytes(x.shape, qtype)
+
+
+@pytest.mark.parametrize("qtype", LEGACY)
+def test_quantize_matches_gguf_package(qtype):
+    import gguf.quants
+    for x in _edge_cases().values():
+        assert quant.quantize(x, qtype) == gguf.quants.quantize(x, _gguf_type(qtype)).tobytes()
+
+
+@pytest.mark.parametrize("qtype", ALL + ["Q5_K", "Q2_K"])
+def test_dequantize_matches_llamacpp_and_gguf(qtype):
+    rng = np.random.default_rng(3)
+    shape = (4, 512)
+    if qtype in ALL:
+        data = quant.llamacpp_quantize(rng.standard_normal(shape).astype(np.float32), qtype)
+    else:   # random bytes with sane float16 scales: every bit pattern must decode the same way
+        raw = rng.integers(0, 256, quant.n_bytes(shape, qtype), dtype=np.uint8).reshape(-1, quant.layout(qtype).type_size)
+        scales = np.float16(rng.random((raw.shape[0], 2)) * 0.01).view(np.uint8)
+        at = {"Q5_K": 0, "Q2_K": 80}[qtype]
+        raw[:, at:at + 4] = scales
+        data = raw.tobytes()
+    ours = quant.dequantize(data, qtype, shape)
+    assert ours.dtype == np.float32 and ours.shape == shape
+    assert np.array_equal(ours.view(np.uint32), quant.llamacpp_dequantize(data, qtype, shape).view(np.uint32))
+    import gguf.quants
+    theirs = gguf.quants.dequantize(np.frombuffer(data, np.uint8).reshape(shape[0], -1), _gguf_type(qtype))
+    assert np.array_equal(ours, theirs)
+
+
+def test_real_tensors_from_bundled_file(smollm2_path):
+    """Every quantized tensor type in the packaged model decodes exactly as llama.cpp decodes it."""
+    from gguf import GGUFReader
+    reader = GGUFReader(smollm2_path)
+    seen = set()
+    for t in reader.tensors:
+        name = t.tensor_type.name
+        if name in seen or name not in quant.DEQUANTIZE_TYPES or len(t.shape) < 2:
+            continue
+        seen.add(name)
+        shape = tuple(int(s) for s in reversed(t.shape))          # numpy order: rows last
+        data = np.asarray(t.data).tobytes()
+        ours = quant.dequantize(data, name, shape)
+        assert np.array_equal(ours.view(np.uint32), quant.llamacpp_dequantize(data, name, shape).view(np.uint32)), t.name
+        # and re-quantizing real weights is bit-exact too, for every format we implement
+        flat = ours.reshape(-1, 256)[:512]
+        for qtype in ALL:
+            assert quant.quantize(flat, qtype) == quant.llamacpp_quantize(flat, qtype), (t.name, qtype)
+    assert {"Q4_1", "Q8_0"} <= seen, seen
+
+
+def test_q8_0_round_half_away_from_zero():
+    # 63.5 / 127 scaled: with absmax 127 the scale is exactly 1, so 0.5 and 2.5 are ties
+    x = np.zeros((1, 32), np.float32)
+    x[0, :4] = [127, 0.5, 2.5, -2.5]
+    q = np.frombuffer(quant.quantize(x, "Q8_0"), np.uint8)[2:6].view(np.int8)
+    assert q.tolist() == [127, 1, 3, -3]          # np.rint would give 0, 2, -2
+
+
+def test_bits_per_weight_from_layout():
+    expected = {"Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K": 4.5,
+                "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K": 3.4375, "Q2_K": 2.625, "F16": 16, "F32": 32}
+    for name, bpw in expected.items():
+        assert quant.bits_per_weight(name) == bpw
+    from gguf.constants import GGML_QUANT_SIZES
+    for name, b in quant.LAYOUTS.items():
+        assert (b.block_size, b.type_size) == GGML_QUANT_SIZES[_gguf_type(name)]
+        assert int(_gguf_type(name)) == b.ggml_type
+
+
+@pytest.mark.parametrize("qtype", ALL)
+def test_roundtrip_error_shrinks_with_bits(qtype):
+    x = (np.random.default_rng(0).standard_normal((16, 256)) * 0.02).astype(np.float32)
+    stats = quant.error_stats(x, quant.roundtrip(x, qtype))
+    bound = {"Q8_0": 0.01, "Q6_K": 0.02, "Q5_0": 0.05, "Q5_1": 0.05, "Q4_0": 0.1, "Q4_1": 0.1, "Q4_K": 0.1}[qtype]
+    assert stats["rmse"] / x.std() < bound
+    assert stats["snr_db"] > 15
+
+
+def test_float_types():
+    x = np.array([[1.0, -2.5, 3.14159, 1e-3]], np.float32)
+    assert np.array_equal(quant.roundtrip(x, "F32"), x)
+    assert np.array_equal(quant.roundtrip(x, "F16"), x.astype(np.float16).astype(np.float32))
+    bf = quant.roundtrip(x, "BF16")
+    assert np.allclose(bf, x, rtol=2 ** -8) and bf[0, 0] == 1.0
+    with pytest.raises(ValueError, match="overflow float16"):
+        quant.quantize(np.array([[1e6]], np.float32), "F16")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("qtype", ALL)
+def test_nan_and_inf_are_rejected(bad, qtype):
+    x = np.zeros((2, 256), np.float32)
+    x[1, 7] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quant.quantize(x, qtype)
+
+
+def test_bad_shapes_and_types():
+    with pytest.raises(ValueError, match="blocks of 256 weights.*576"):
+        quant.quantize(np.zeros((2, 576), np.float32), "Q4_K")
+    with pytest.raises(ValueError, match="blocks of 32"):
+        quant.quantize(np.zeros(33, np.float32), "Q8_0")
+    with pytest.raises(ValueError, match="non-empty"):
+        quant.quantize(np.zeros((0, 32), np.float32), "Q8_0")
+    with pytest.raises(ValueError, match="non-empty"):
+        quant.quantize(np.float32(1.0), "Q8_0")
+    with pytest.raises(TypeError, match="numeric"):
+        quant.quantize(np.array([["a"] * 32]), "Q8_0")
+    with pytest.raises(ValueError, match="Unknown ggml type"):
+        quant.quantize(np.zeros(32, np.float32), "Q7_X")
+    with pytest.raises(ValueError, match="cannot quantize to Q2_K"):
+        quant.quantize(np.zeros(256, np.float32), "Q2_K")
+    data = quant.quantize(np.zeros((2, 64), np.float32), "Q8_0")
+    with pytest.raises(ValueError, match="must be 136 bytes, got 135"):
+        quant.dequantize(data[:-1], "Q8_0", (2, 64))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        quant.dequantize(data, "Q8_0", (4, 34))
+    with pytest.raises(ValueError, match="positive"):
+        quant.dequantize(data, "Q8_0", (0, 64))
+
+
+def test_teaching_quantizers():
+    x = np.array([-1.0, -0.5, 0.0, 0.25, 2.0])
+    sym = quant.absmax_quantize(x, bits=8)
+    assert sym[2] == 0.0 and abs(sym[-1] - 2.0) < 1e-12                 # zero and the max are exact
+    asym = quant.zeropoint_quantize(x, bits=4)
+    assert np.abs(asym - x).max() <= (3.0 / 15) / 2 + 1e-12             # within half a step
+    # per-block scales help when magnitudes differ between blocks
+    y = np.r_[np.full(32, 0.01), np.full(32, 10.0)] * np.tile(np.linspace(-1, 1, 32), 2)
+    assert quant.error_stats(y, quant.absmax_quantize(y, 4, block_size=32))["rmse"] < \
+        quant.error_stats(y, quant.absmax_quantize(y, 4))["rmse"]
+    with pytest.raises(ValueError, match="NaN"):
+        quant.absmax_quantize([1.0, np.nan])
+
+
+def test_error_stats():
+    s = quant.error_stats([1.0, -1.0], [1.0, -1.0])
+    assert s == {"rmse": 0.0, "max_abs_error": 0.0, "snr_db": float("inf")}
+    s = quant.error_stats([1.0, 1.0], [1.1, 0.9])
+    assert s["rmse"] == pytest.approx(0.1) and s["snr_db"] == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        quant.error_stats([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_not_slower_than_gguf_package(qtype):
+    """Vectorised: on a 1024×4096 tensor, no slower than gguf's numpy code (generous margin for a shared CPU)."""
+    import gguf.quants
+    x = (np.random.default_rng(0).standard_normal((1024, 4096)) * 0.02).astype(np.float32)
+
+    def best(fn):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    ours = best(lambda: quant.quantize(x, qtype))
+    theirs = best(lambda: gguf.quants.quantize(x, _gguf_type(qtype)))
+    assert ours < 1.5 * theirs, f"labkit {ours:.3f}s vs gguf {theirs:.3f}s"
