@@ -3,8 +3,17 @@
 Chapter map (where each helper is introduced):
 
 * 00 setup: :mod:`labkit.models` (bundled models), :mod:`labkit.hardware` (probe),
-  :func:`labkit.serve` (managed engine servers), :mod:`labkit.runner` (notebook execution),
-  :mod:`labkit.cli` (``labkit doctor|serve|run``), :mod:`labkit.gguf` (header reader).
+  :func:`labkit.serve` (managed engine servers, :mod:`labkit.servers`), :mod:`labkit.runner`
+  (notebook execution), :mod:`labkit.cli` (``labkit doctor|serve|run|bench``), :mod:`labkit.notebook`
+  (``%%gpu`` cells, chapter timer), :mod:`labkit.check` (exercise feedback).
+* 01 quantization: :mod:`labkit.quant` (ggml block formats), :mod:`labkit.gguf` (inspect, to_float,
+  quantize, ladder), :mod:`labkit.eval` (perplexity, KL-divergence), :mod:`labkit.memory` (estimator).
+* 02 Ollama: :mod:`labkit.ollama_compat` (Ollama-compatible server), :mod:`labkit.modelfile`.
+* 03 llama.cpp: :mod:`labkit.llamacpp`.
+* 04 vLLM: :mod:`labkit.vllm_lab` (offline engine, /metrics), :mod:`labkit.paging` (simulators).
+* 05 RAG: :mod:`labkit.rag`.
+* 06 benchmarking: :mod:`labkit.bench`.
+* 07 troubleshooting: :mod:`labkit.troubleshoot`, :mod:`labkit.doctor`.
 """
 from .errors import (CorruptModelError, EngineNotInstalledError, GPURequiredError, LabkitError,
                      ModelNotFoundError, PortInUseError, ServerStartError)
