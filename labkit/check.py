@@ -86,7 +86,94 @@ def _fits(answer):
     return False, "weights (sum of the GGUF's tensor sizes) + KV cache (labkit.memory.from_gguf(...).kv_cache_bytes(32768))."
 
 
+def _q8_0(answer):
+    """``answer`` is the learner's function ``f(x: np.ndarray) -> bytes`` (one row, length % 32 == 0)."""
+    import numpy as np
+    from .quant import quantize
+    if not callable(answer):
+        return False, "pass your function itself, e.g. check('01-q8_0', my_q8_0), not its result."
+    rng = np.random.default_rng(0)
+    cases = [rng.normal(size=64).astype(np.float32), np.zeros(32, np.float32),
+             np.linspace(-3, 3, 96).astype(np.float32)]
+    for x in cases:
+        try:
+            got = bytes(answer(x.copy()))
+        except Exception as exc:   # the learner's code: report, don't crash the notebook
+            return False, f"your function raised {type(exc).__name__}: {exc}"
+        want = quantize(x, "Q8_0")
+        if got != want:
+            if len(got) != len(want):
+                return False, (f"{len(got)} bytes instead of {len(want)}: each block of 32 values is a float16 scale "
+                               "(2 bytes) followed by 32 int8 values.")
+            return False, ("same size, different bytes: scale d = max|x| / 127 stored as float16, q = round(x / d) "
+                           "(round half away from zero, as np.round does not), and d = 0 for an all-zero block.")
+    return True, ""
+
+
+def _bpw_q4_k(answer):
+    from .quant import bits_per_weight
+    if _close(answer, bits_per_weight("Q4_K"), rel=1e-9):
+        return True, ""
+    if _close(answer, 4.0, rel=1e-9):
+        return False, "4 bits for the values, plus the scales: a 256-value super-block also stores 2 float16s and 12 bytes of 6-bit scales/mins."
+    return False, "bits per weight = bytes per block × 8 ÷ values per block (Q4_K: 144 bytes per 256 values)."
+
+
+def _tokens_per_s(answer):
+    expected = 128 / (1_600_000_000 / 1e9)
+    if _close(answer, expected):
+        return True, ""
+    if _close(answer, 128 / 1_600_000_000) or _close(answer, 128 / 1_600_000):
+        return False, "Ollama's durations are in nanoseconds: divide eval_duration by 1e9 to get seconds."
+    return False, "tokens/s = eval_count ÷ (eval_duration in seconds)."
+
+
+def _modelfile(answer):
+    from .modelfile import ModelfileError, parse
+    try:
+        mf = parse(str(answer))
+    except ModelfileError as exc:
+        return False, f"the parser refused it: {exc}"
+    if not mf.from_:
+        return False, "a Modelfile needs FROM (the base model, e.g. FROM smollm2:135m)."
+    if not mf.system:
+        return False, 'add a SYSTEM instruction with the persona, e.g. SYSTEM """You are a pirate."""'
+    if mf.parameters.get("temperature") is None:
+        return False, "add PARAMETER temperature 0.2 (parameters are lower-case: PARAMETER name value)."
+    return True, ""
+
+
+def _kv_q8(answer):
+    from .memory import kv_cache_bytes
+    expected = kv_cache_bytes(30, 3, 64, 4096, "q8_0")
+    if _close(answer, expected):
+        return True, ""
+    if _close(answer, kv_cache_bytes(30, 3, 64, 4096, "f16")):
+        return False, "that is the f16 size: q8_0 stores 34 bytes per 32 values (1.0625 bytes per element)."
+    if _close(answer, kv_cache_bytes(30, 9, 64, 4096, "q8_0")):
+        return False, "3× too large — SmolLM2 has 3 KV heads (9 attention heads share them)."
+    return False, "2 × 30 layers × 3 KV heads × 64 × 4096 tokens × 1.0625 bytes."
+
+
+def _recall(answer):
+    from .rag import recall_at_k
+    rankings = [["a", "b", "c"], ["c", "a", "b"], ["b", "c", "d"], ["d", "a", "c"]]
+    gold = ["a", "a", "a", None]
+    expected = recall_at_k(rankings, gold, k=2)
+    if _close(answer, expected, rel=1e-6):
+        return True, ""
+    if _close(answer, 2 / 4, rel=1e-6):
+        return False, "leave out the unanswerable question (gold None): recall is over answerable questions only."
+    return False, "recall@2 = share of answerable questions whose gold id is among the first 2 retrieved."
+
+
 EXERCISES: dict[str, Exercise] = {e.id: e for e in [
+    Exercise("01-q8_0", "01", "Write my_q8_0(x) returning ggml's Q8_0 bytes for a 1-D float32 array.", _q8_0),
+    Exercise("01-bpw-q4k", "01", "Bits per weight of a pure Q4_K tensor, from its block layout.", _bpw_q4_k),
+    Exercise("02-tokens-per-s", "02", "Tokens/s of a reply with eval_count 128 and eval_duration 1600000000.", _tokens_per_s),
+    Exercise("02-modelfile", "02", "A Modelfile: FROM smollm2:135m, a SYSTEM persona, PARAMETER temperature 0.2.", _modelfile),
+    Exercise("03-kv-q8", "03", "Bytes of SmolLM2's q8_0 KV cache at n_ctx=4096 (30 layers, 3 KV heads, head_dim 64).", _kv_q8),
+    Exercise("05-recall", "05", "recall@2 for rankings [[a,b,c],[c,a,b],[b,c,d],[d,a,c]] with gold [a,a,a,None].", _recall),
     Exercise("00-kv-cache", "00", "Bytes of f16 KV cache for Llama-3.1-8B at 8192 tokens, one sequence.", _kv_cache),
     Exercise("00-weights", "00", "GB (1e9 bytes) of Qwen2.5-7B's weights (7.62 B parameters) at Q4_K_M.", _weights),
     Exercise("04-paged-blocks", "04", "16-token blocks needed by four sequences of 5, 16, 17 and 100 tokens.", _paged_blocks),

@@ -261,7 +261,9 @@ def _command(engine: str, model_path: Path, name: str, host: str, port: int,
         argv += ["--served-model-name", name, "--host", host, "--port", str(port)]
         if api_key:
             argv += ["--api-key", api_key]
-        env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        # INFO logging: labkit reads the KV-cache capacity from the start-up log (a notebook may
+        # have lowered the level for its in-process engine).
+        env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "VLLM_LOGGING_LEVEL": "INFO"}
         return argv + _flags(opts, dash=True), env, "/v1/models"
     if engine == "ollama":
         if shutil.which("ollama"):

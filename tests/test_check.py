@@ -39,3 +39,41 @@ def test_unanswered_and_unknown(capsys):
     with pytest.raises(KeyError):
         check("99-nope", 1)
     assert all(e.prompt and e.chapter for e in EXERCISES.values())
+
+
+def _reference_q8_0(x):
+    import numpy as np
+    blocks = x.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    d = amax / 127
+    inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0)
+    q = np.trunc(blocks * inv + np.copysign(0.5, blocks)).astype(np.int8)   # round half away from zero
+    out = b""
+    for scale, row in zip(d.astype(np.float16), q):
+        out += scale.tobytes() + row.tobytes()
+    return out
+
+
+def test_q8_0_exercise(capsys):
+    import numpy as np
+    assert check("01-q8_0", _reference_q8_0)
+    bankers = lambda x: _reference_q8_0(x)[:-1] + b"\x00"          # noqa: E731  (wrong last byte)
+    assert not check("01-q8_0", bankers) and "different bytes" in capsys.readouterr().out
+    assert not check("01-q8_0", lambda x: x.astype(np.int8).tobytes()) and "bytes instead of" in capsys.readouterr().out
+    assert not check("01-q8_0", b"not a function") and "function itself" in capsys.readouterr().out
+
+
+def test_small_numeric_exercises(capsys):
+    assert check("01-bpw-q4k", 4.5) and not check("01-bpw-q4k", 4.0)
+    assert check("02-tokens-per-s", 80.0)
+    assert not check("02-tokens-per-s", 128 / 1_600_000) and "nanoseconds" in capsys.readouterr().out
+    assert check("03-kv-q8", 2 * 30 * 3 * 64 * 4096 * 1.0625)
+    assert not check("03-kv-q8", 2 * 30 * 3 * 64 * 4096 * 2) and "f16" in capsys.readouterr().out
+    assert check("05-recall", 2 / 3) and not check("05-recall", 0.5)
+
+
+def test_modelfile_exercise(capsys):
+    good = 'FROM smollm2:135m\nSYSTEM """You are a terse pirate."""\nPARAMETER temperature 0.2\n'
+    assert check("02-modelfile", good)
+    assert not check("02-modelfile", "FROM smollm2:135m\nPARAMETER temperature 0.2") and "SYSTEM" in capsys.readouterr().out
+    assert not check("02-modelfile", "FROM x\nFLY away") and "refused" in capsys.readouterr().out
