@@ -97,7 +97,10 @@ def _q8_0(answer):
              np.linspace(-3, 3, 96).astype(np.float32)]
     for x in cases:
         try:
-            got = bytes(answer(x.copy()))
+            got = answer(x.copy())
+            if got is None:
+                return False, "your function returns nothing yet: build and return the bytes."
+            got = bytes(got)
         except Exception as exc:   # the learner's code: report, don't crash the notebook
             return False, f"your function raised {type(exc).__name__}: {exc}"
         want = quantize(x, "Q8_0")

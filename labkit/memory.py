@@ -76,19 +76,6 @@ class Architecture:
         return self.weights_bytes(quant) + self.kv_cache_bytes(n_ctx, cache_type, n_seq)
 
 
-# Reference architectures, each read from the model's config.json on its Hugging Face model
-# card (parameter counts as the model cards state them).
-REFERENCE_MODELS = [
-    Architecture("Qwen2.5-0.5B", 0.49e9, 24, 14, 2, 64, "huggingface.co/Qwen/Qwen2.5-0.5B-Instruct"),
-    Architecture("Llama-3.2-3B", 3.21e9, 28, 24, 8, 128, "huggingface.co/meta-llama/Llama-3.2-3B-Instruct"),
-    Architecture("Qwen2.5-7B", 7.62e9, 28, 28, 4, 128, "huggingface.co/Qwen/Qwen2.5-7B-Instruct"),
-    Architecture("Llama-3.1-8B", 8.03e9, 32, 32, 8, 128, "huggingface.co/meta-llama/Llama-3.1-8B-Instruct"),
-    Architecture("Qwen2.5-14B", 14.7e9, 48, 40, 8, 128, "huggingface.co/Qwen/Qwen2.5-14B-Instruct"),
-    Architecture("Qwen2.5-32B", 32.5e9, 64, 40, 8, 128, "huggingface.co/Qwen/Qwen2.5-32B-Instruct"),
-    Architecture("Llama-3.1-70B", 70.6e9, 80, 64, 8, 128, "huggingface.co/meta-llama/Llama-3.1-70B-Instruct"),
-]
-
-
 def from_gguf(path) -> Architecture:
     """An :class:`Architecture` read from a GGUF file's header."""
     from .gguf import read_header
@@ -137,6 +124,9 @@ PRESETS: dict[str, ModelConfig] = {m.name: m for m in [
     ModelConfig("Llama-3.1-8B", 8.03e9, 32, 32, 8, 128, 4096, 14336, 128256, "huggingface.co/meta-llama/Llama-3.1-8B-Instruct"),
     ModelConfig("Llama-3.1-70B", 70.6e9, 80, 64, 8, 128, 8192, 28672, 128256, "huggingface.co/meta-llama/Llama-3.1-70B-Instruct"),
 ]}
+
+# The larger presets as plain Architectures (chapter 00's "what could this machine run" table).
+REFERENCE_MODELS = [cfg.architecture() for name, cfg in PRESETS.items() if cfg.n_params >= 4e8]
 
 # Memory sizes to compare an estimate with (GB as vendors count them: 10^9 bytes).
 # GPU figures: vendor specifications (see ../shared/facts.md).
