@@ -22,7 +22,7 @@ setup:
 
 lab: setup
 	@echo "Starting JupyterLab on notebooks/ — open the URL printed below (Ctrl-C stops it)."
-	.venv/bin/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 --port=$(PORT) $(if $(DISPLAY),,--no-browser)
+	.venv/bin/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 --port=$(PORT) $(if $(DISPLAY),,--no-browser) $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 test: setup
 	.venv/bin/python -m pytest -q -ra tests

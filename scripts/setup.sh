@@ -104,4 +104,14 @@ if ! grep -q "^ *labkit " <<<"$kernels" || ! grep -q "$(readlink .venv-vllm)" .v
   run_logged "$LOGS/kernels.log" .venv/bin/python -m ipykernel install --prefix "$REPO/.venv" --name labkit --display-name "Python (labkit)"
   run_logged "$LOGS/kernels.log" .venv-vllm/bin/python -m ipykernel install --prefix "$REPO/.venv" --name labkit-vllm --display-name "Python (labkit + vLLM)"
 fi
+# The browser test drives Debian's chromium (Playwright's own browser download is not used).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the browser test (apt-get)"
+    apt-get install -y --no-install-recommends chromium >>"$LOGS/chromium.log" 2>&1 \
+      || { apt-get update >>"$LOGS/chromium.log" 2>&1; run_logged "$LOGS/chromium.log" apt-get install -y --no-install-recommends chromium; }
+  else
+    echo "setup: chromium is not installed; the browser test needs it (sudo apt-get install chromium)" >&2
+  fi
+fi
 echo "setup: ready (.venv -> $(readlink .venv), .venv-vllm -> $(readlink .venv-vllm))"
