@@ -134,6 +134,39 @@ def run_llama(llm, prompt: str | None = None, max_tokens: int = 64, runs: int = 
     return [time_llama(llm, prompt, max_tokens) for _ in range(runs)]
 
 
+# ----------------------------------------------------------------------------- Ollama's native API
+def time_ollama(client, model: str, prompt: str | None = None, max_tokens: int = 64, seed: int = 0) -> RequestTiming:
+    """One streamed ``/api/generate``, timed by the harness and by Ollama's own nanosecond counters."""
+    t0 = time.perf_counter()
+    times, final = [], None
+    for chunk in client.generate(model=model, prompt=prompt or DEFAULT_PROMPT, stream=True, raw=True,
+                                 options={"num_predict": max_tokens, "temperature": 0.0, "seed": seed}):
+        now = time.perf_counter() - t0
+        if chunk.get("response"):
+            times.append(now)
+        if chunk.get("done"):
+            final = chunk
+    e2e = time.perf_counter() - t0
+    if not times or final is None:
+        raise RuntimeError(f"{model}: the stream ended without tokens or without its final statistics")
+    engine = {"prompt_tokens": final["prompt_eval_count"], "prompt_ms": final["prompt_eval_duration"] / 1e6,
+              "decode_tokens": final["eval_count"], "decode_ms": final["eval_duration"] / 1e6,
+              "load_ms": (final.get("load_duration") or 0) / 1e6, "done_reason": final.get("done_reason")}
+    return RequestTiming(times[0], e2e, final["prompt_eval_count"], final["eval_count"], times, engine)
+
+
+def run_ollama(server_or_url, model: str | None = None, prompt: str | None = None, max_tokens: int = 64,
+               runs: int = 5, warmup: int = 1) -> list[RequestTiming]:
+    """Repeated :func:`time_ollama` runs against a real Ollama or labkit's Ollama-compatible server."""
+    import ollama
+    host = getattr(server_or_url, "base_url", server_or_url)
+    model = model or server_or_url.model
+    client = ollama.Client(host=host)
+    for _ in range(warmup):
+        time_ollama(client, model, prompt, max_tokens)
+    return [time_ollama(client, model, prompt, max_tokens) for _ in range(runs)]
+
+
 # ----------------------------------------------------------------------------- OpenAI-compatible servers
 async def _one_openai(client, model: str, prompt: str, max_tokens: int, extra: dict) -> RequestTiming:
     t0 = time.perf_counter()

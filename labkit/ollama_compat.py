@@ -346,9 +346,13 @@ class Store:
         out = []
         for f in self.manifests.rglob("*.json"):
             try:
-                out.append(Manifest(**json.loads(f.read_text())))
+                m = Manifest(**json.loads(f.read_text()))
             except (OSError, ValueError, TypeError):
                 continue
+            if not Path(m.path).exists():     # its weights moved or were deleted (e.g. a rebuilt environment)
+                print(f"note: {m.name} is not listed: {m.path} no longer exists", flush=True)
+                continue
+            out.append(m)
         return sorted(out, key=lambda m: -m.modified_ns)
 
     def blob_path(self, digest: str) -> Path:
@@ -1568,7 +1572,8 @@ def make_service(models_dir: Path, *, model: str | None = None, name: str | None
     from . import models
     for key, registered in BUNDLED_NAMES.items():
         try:
-            service.register(registered, models.get(key))
+            # overwrite: the bundled files live in the environment, whose path changes when it is rebuilt
+            service.register(registered, models.get(key), overwrite=True)
         except Exception as exc:                    # a missing optional package: say so, keep serving
             print(f"note: bundled model {key!r} not registered ({exc})", flush=True)
     if model:

@@ -77,3 +77,15 @@ def test_harness_agrees_with_llama_cpp_counters():
         assert t.output_tokens == t.engine["decode_tokens"] + 1
         assert t.decode_tps == pytest.approx(engine_tps, rel=0.10)
         assert t.ttft >= t.engine["prompt_ms"] / 1000 * 0.9
+
+
+def test_harness_agrees_with_ollama_nanosecond_counters():
+    import labkit
+    with labkit.serve("ollama") as srv:
+        timings = bench.run_ollama(srv, max_tokens=32, runs=3)
+    for t in timings:
+        assert t.output_tokens == t.engine["decode_tokens"] > 1
+        engine_tps = t.engine["decode_tokens"] / t.engine["decode_ms"] * 1000
+        # Ollama's eval_duration covers every generated token; the harness counts the ones after the first
+        assert t.decode_tps == pytest.approx(engine_tps, rel=0.05)
+        assert t.ttft > 0 and t.e2e > t.ttft

@@ -413,3 +413,20 @@ def test_serve_and_busy_port(tmp_path):
         busy = subprocess.run([sys.executable, "-m", "labkit.ollama_compat", "--port", str(srv.port),
                                "--models-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
         assert busy.returncode == 1 and "address already in use" in busy.stdout
+
+
+def test_stale_store_entries_do_not_break_the_listing(tmp_path, monkeypatch):
+    """A model store written by an older environment (paths that no longer exist) still serves."""
+    import json as _json
+    import labkit
+    store = tmp_path / "models" / "labkit-manifests" / "smollm2"
+    store.mkdir(parents=True)
+    (store / "135m.json").write_text(_json.dumps({"name": "smollm2:135m", "kind": "gguf", "path": "/gone/old.gguf", "builtin": True}))
+    (tmp_path / "models" / "labkit-manifests" / "ghost").mkdir()
+    (tmp_path / "models" / "labkit-manifests" / "ghost" / "latest.json").write_text(
+        _json.dumps({"name": "ghost:latest", "kind": "gguf", "path": "/gone/ghost.gguf", "builtin": False}))
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "models"))
+    with labkit.serve("ollama") as srv:
+        import ollama as _ollama
+        names = [m.model for m in _ollama.Client(host=srv.base_url).list().models]
+    assert "smollm2:135m" in names and "ghost:latest" not in names
