@@ -80,17 +80,6 @@ class RequestTiming:
         return [b - a for a, b in zip(t, t[1:])]
 
 
-def _stream_timing(stream, t0: float, now=time.perf_counter):
-    """Consume a stream of text pieces; return (ttft, e2e, arrival times)."""
-    times = []
-    for piece in stream:
-        if piece:
-            times.append(now() - t0)
-    if not times:
-        raise RuntimeError("the stream produced no tokens")
-    return times[0], now() - t0, times
-
-
 # ----------------------------------------------------------------------------- llama.cpp in-process
 def llama_perf(llm) -> dict:
     """llama.cpp's own counters for the last request: prefill/decode tokens and milliseconds."""
@@ -118,14 +107,15 @@ def time_llama(llm, prompt: str = None, max_tokens: int = 64) -> RequestTiming:
     import llama_cpp
     llm.reset()                                    # no KV reuse between runs: every run does full prefill
     llama_cpp.llama_perf_context_reset(llm.ctx)
+    from .llamacpp import timed_stream     # the one streaming timer (chapter 03 introduces it)
     t0 = time.perf_counter()
     stream = llm.create_completion(prompt or DEFAULT_PROMPT, max_tokens=max_tokens, temperature=0.0, stream=True,
                                    logit_bias={i: -1e9 for i in _end_tokens(llm)})
-    ttft, e2e, times = _stream_timing((c["choices"][0]["text"] for c in stream), t0)
+    _, timing = timed_stream(stream, t0)
     perf = llama_perf(llm)
     # llama.cpp evaluates every generated token except the last one (nothing follows it)
     n_out = perf["decode_tokens"] + 1
-    return RequestTiming(ttft, e2e, perf["prompt_tokens"], n_out, times, perf)
+    return RequestTiming(timing.ttft, timing.e2e, perf["prompt_tokens"], n_out, timing.token_times, perf)
 
 
 def run_llama(llm, prompt: str | None = None, max_tokens: int = 64, runs: int = 5, warmup: int = 1) -> list[RequestTiming]:
@@ -305,17 +295,28 @@ def coordinate_tune(measure, grid: dict, start: dict | None = None, rounds: int 
 
 
 # ----------------------------------------------------------------------------- harness overhead
-def harness_overhead(n_tokens: int = 256, per_token_s: float = 0.005) -> float:
-    """Share of decode time the harness itself adds: time a no-op stream with a known schedule."""
+def harness_overhead(n_tokens: int = 256, per_token_s: float = 0.005, repeats: int = 3) -> float:
+    """Share of decode time the harness itself adds: time a no-op stream with a known schedule.
+
+    Each fake token takes exactly ``per_token_s`` of producer time *after* the harness asked for
+    it, so whatever the harness does per token adds up. Best of ``repeats``, because a busy
+    machine can only make it look worse.
+    """
+    from .llamacpp import timed_stream
+
     def fake_stream():
         for _ in range(n_tokens):
             deadline = time.perf_counter() + per_token_s
             while time.perf_counter() < deadline:     # busy-wait: sleep() granularity would dominate
                 pass
-            yield "x"
-    t0 = time.perf_counter()
-    _, e2e, _ = _stream_timing(fake_stream(), t0)
-    return e2e / (n_tokens * per_token_s) - 1
+            yield {"choices": [{"text": "x"}]}
+
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _, timing = timed_stream(fake_stream(), t0)
+        best = min(best, timing.e2e / (n_tokens * per_token_s) - 1)
+    return best
 
 
 # ----------------------------------------------------------------------------- physics
