@@ -21,7 +21,6 @@ def test_execute_ok_with_injected_tier(tmp_path):
     assert result.ok, result.error
     assert result.html and result.html.exists()
     assert "tier is ci" in result.output.read_text()
-    assert result.within_budget in (True, False)
 
 
 def test_execute_reports_failing_cell(tmp_path):
