@@ -217,15 +217,28 @@ def absmax_quantize(x, bits: int = 8, block_size: int | None = None) -> np.ndarr
 
 
 def zeropoint_quantize(x, bits: int = 8, block_size: int | None = None) -> np.ndarray:
-    """Asymmetric quantization and back: the range [min, max] maps onto 0 … 2^bits - 1 with a zero point."""
+    """Asymmetric quantization and back: the range [min(x, 0), max(x, 0)] maps onto 0 … 2^bits - 1 with an integer zero point."""
     v, shape = _blocked(x, block_size)
-    qmax = 2 ** bits - 1
-    lo, hi = v.min(axis=-1, keepdims=True), v.max(axis=-1, keepdims=True)
-    scale = (hi - lo) / qmax
-    safe = np.where(scale == 0, 1, scale)
-    zero = np.rint(-lo / safe)
-    q = np.clip(np.rint(v / safe) + zero, 0, qmax)
-    return ((q - zero) * scale).reshape(shape)
+    scale, zero = _zeropoint_params(v, bits)
+    return _zeropoint_apply(v, scale, zero, bits).reshape(shape)
+
+
+def _zeropoint_params(v: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and integer zero point per row of ``v`` (min/max over the last axis).
+
+    The range always includes 0 (as PyTorch's observers and GPTQ do), so 0.0 — padding, pruned
+    weights — is stored exactly and a constant row is reproduced exactly.
+    """
+    lo = np.minimum(v.min(axis=-1, keepdims=True), 0.0)
+    hi = np.maximum(v.max(axis=-1, keepdims=True), 0.0)
+    scale = (hi - lo) / (2 ** bits - 1)
+    scale = np.where(scale == 0, 1.0, scale)     # an all-zero row: any scale reproduces it
+    return scale, np.rint(-lo / scale)
+
+
+def _zeropoint_apply(v: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    q = np.clip(np.rint(v / scale) + zero, 0, 2 ** bits - 1)
+    return (q - zero) * scale
 
 
 def _blocked(x, block_size):
@@ -237,6 +250,210 @@ def _blocked(x, block_size):
     if v.size % block_size:
         raise ValueError(f"{v.size} values do not split into blocks of {block_size}")
     return v.reshape(-1, block_size), v.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrated weight-only quantization: what GPTQ and AWQ do, on one linear layer.
+#
+# A linear layer computes Y = X Wᵀ (X: tokens × in_features, W: out_features × in_features).
+# Round-to-nearest (RTN) minimises the error of each *weight*; what matters is the error of the
+# *output*, ‖X (W − Ŵ)ᵀ‖², which depends on the activations. With H = XᵀX / n it equals
+# trace((W − Ŵ) H (W − Ŵ)ᵀ) — so calibration activations enter only through H (GPTQ) or their
+# per-channel magnitudes (AWQ). Weights are quantized per output row in groups of input columns,
+# asymmetric with an integer zero point, as GPTQ and AWQ checkpoints store them.
+
+def valid_group_size(in_features: int, wanted: int = 128) -> int:
+    """The group size nearest ``wanted`` that divides ``in_features`` (ties go to the smaller one).
+
+    >>> valid_group_size(1536), valid_group_size(576), valid_group_size(576, 64)
+    (128, 144, 64)
+    """
+    if in_features < 1 or wanted < 1:
+        raise ValueError("in_features and the wanted group size must be positive")
+    divisors = [g for g in range(1, in_features + 1) if in_features % g == 0]
+    return min(divisors, key=lambda g: (abs(g - wanted), g))
+
+
+def _check_layer(W, X=None, group_size: int = 128) -> tuple[np.ndarray, np.ndarray | None]:
+    W = np.asarray(W, dtype=np.float64)
+    if W.ndim != 2:
+        raise ValueError(f"W must be a 2-D weight matrix (out_features × in_features), got shape {W.shape}")
+    if not np.isfinite(W).all():
+        raise ValueError("cannot quantize NaN or infinite weights")
+    if group_size < 1 or W.shape[1] % group_size:
+        raise ValueError(f"group size {group_size} does not divide in_features={W.shape[1]}; "
+                         f"use valid_group_size({W.shape[1]}, {group_size}) = {valid_group_size(W.shape[1], max(group_size, 1))}")
+    if X is None:
+        return W, None
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != W.shape[1]:
+        raise ValueError(f"activations must be tokens × in_features = (n, {W.shape[1]}), got shape {X.shape}")
+    if X.shape[0] == 0 or not np.isfinite(X).all():
+        raise ValueError("activations must be a non-empty, finite array")
+    return W, X
+
+
+def rtn_quantize(W, bits: int = 4, group_size: int = 128) -> np.ndarray:
+    """Round-to-nearest, asymmetric, one scale and zero point per ``group_size`` inputs of each row.
+
+    Returns the dequantized weights Ŵ (what the layer computes with).
+    """
+    W, _ = _check_layer(W, None, group_size)
+    return zeropoint_quantize(W, bits, group_size).reshape(W.shape)
+
+
+def output_error(W, W_hat, X) -> float:
+    """Relative output error ‖X (W − Ŵ)ᵀ‖² / ‖X Wᵀ‖² of a quantized layer on activations X."""
+    W, X = _check_layer(W, X, 1)
+    E = W - np.asarray(W_hat, dtype=np.float64)
+    if E.shape != W.shape:
+        raise ValueError(f"shapes differ: {W.shape} vs {E.shape}")
+    return float(np.sum((X @ E.T) ** 2) / np.sum((X @ W.T) ** 2))
+
+
+def awq_quantize(W, X, bits: int = 4, group_size: int = 128, n_grid: int = 20) -> tuple[np.ndarray, dict]:
+    """AWQ-style activation-aware scaling, then round-to-nearest.
+
+    Input channel j gets a scale s_j = mean|X_j|^α (normalised so max·min = 1). Quantizing W·s and
+    dividing by s again leaves Ŵ's *salient* columns — those that meet large activations — with
+    relatively finer steps. α is searched on a grid of ``n_grid`` values in [0, 1) to minimise the
+    output error on X; α = 0 is plain RTN, so the search never does worse on the calibration set.
+    (AutoAWQ also searches a per-group clipping range and folds 1/s into the previous layer; here
+    1/s stays in Ŵ, which gives the same outputs.) Returns Ŵ and ``{"alpha", "scales", "errors"}``.
+    """
+    W, X = _check_layer(W, X, group_size)
+    if n_grid < 1:
+        raise ValueError("n_grid must be at least 1")
+    H = X.T @ X / X.shape[0]
+    channel_mean = np.abs(X).mean(axis=0)
+    channel_mean = np.maximum(channel_mean, 1e-8 * max(channel_mean.max(), 1e-30))   # dead channels
+    errors, best = {}, None
+    for alpha in np.arange(n_grid) / n_grid:
+        s = channel_mean ** alpha
+        s = s / np.sqrt(s.max() * s.min())
+        W_hat = zeropoint_quantize(W * s, bits, group_size).reshape(W.shape) / s
+        E = W - W_hat
+        err = float(np.sum((E @ H) * E))
+        errors[float(alpha)] = err
+        if best is None or err < best[0]:
+            best = (err, float(alpha), s, W_hat)
+    _, alpha, s, W_hat = best
+    return W_hat, {"alpha": alpha, "scales": s, "errors": errors}
+
+
+def gptq_quantize(W, X, bits: int = 4, group_size: int = 128, damp: float = 0.01,
+                  block_size: int = 128) -> np.ndarray:
+    """GPTQ-style error-compensated rounding (Frantar et al., 2022), column by column.
+
+    Columns are quantized left to right. The rounding error of column i is spread over the columns
+    not yet quantized, in proportion to row i of the upper Cholesky factor of H⁻¹ (H = XᵀX / n plus
+    ``damp`` × its mean diagonal, for numerical stability), which is the least-squares correction
+    of the layer's output. A group's scale and zero point are fixed from the *updated* weights when
+    the group's first column is reached. Updates to far columns are applied once per block of
+    columns (the paper's lazy batch update) — same result, fewer passes; a block is a whole number
+    of groups (``block_size`` rounded down, at least one group) so every group's scale sees weights
+    with all earlier updates applied.
+
+    If H is diagonal (uncorrelated inputs) no error can be compensated and the result equals
+    :func:`rtn_quantize` exactly. Returns the dequantized weights Ŵ.
+    """
+    W, X = _check_layer(W, X, group_size)
+    if damp < 0:
+        raise ValueError("damp must be non-negative")
+    W = W.copy()
+    n_in = W.shape[1]
+    H = X.T @ X / X.shape[0]
+    dead = np.diag(H) == 0             # inputs that are always 0: their weights never matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(n_in)] += damp * np.mean(np.diag(H))
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(H)).T      # H⁻¹ = UᵀU, U upper triangular
+    except np.linalg.LinAlgError as exc:
+        raise ValueError("the activations' Hessian is not positive definite; raise `damp` "
+                         "or use more calibration tokens") from exc
+    W_hat = np.empty_like(W)
+    scale = zero = None
+    block_size = group_size * max(1, block_size // group_size)
+    for start in range(0, n_in, block_size):
+        end = min(start + block_size, n_in)
+        errs = np.empty((W.shape[0], end - start))
+        for i in range(start, end):
+            if i % group_size == 0:
+                scale, zero = _zeropoint_params(W[:, i:i + group_size], bits)
+            q = _zeropoint_apply(W[:, i:i + 1], scale, zero, bits)[:, 0]
+            W_hat[:, i] = q
+            err = (W[:, i] - q) / U[i, i]
+            W[:, i + 1:end] -= np.outer(err, U[i, i + 1:end])
+            errs[:, i - start] = err
+        W[:, end:] -= errs @ U[start:end, end:]
+    return W_hat
+
+
+class ActivationRecorder:
+    """Calibration activations: the inputs that named linear layers see while the model reads text.
+
+    Loads the model in transformers (a GGUF is dequantized exactly to float32, once, by
+    :func:`labkit.models.hf_folder`) and registers forward hooks
+    on the named modules — e.g. ``"model.layers.15.mlp.down_proj"`` — the way GPTQModel and
+    llm-compressor collect calibration data. :meth:`record` runs texts through the model in
+    windows of ``window`` tokens and returns ``{name: tokens × in_features}``; ``weights[name]`` is
+    the layer's float32 weight matrix (out × in).
+    """
+
+    def __init__(self, model_path, module_names, *, window: int = 512):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from .models import hf_folder
+
+        if window < 2:
+            raise ValueError("window must be at least 2 tokens")
+        self.names, self.window = list(module_names), window
+        hf_logging.disable_progress_bar()
+        # Check the names on an empty (meta-device) copy first: a typo fails before the weights load.
+        folder = hf_folder(model_path, dtype="float32")   # converted once, cached: later loads take a second
+        with torch.device("meta"):
+            skeleton = dict(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).named_modules())
+        missing = [n for n in self.names if n not in skeleton]
+        if missing:
+            linear = [n for n, m in skeleton.items() if isinstance(m, torch.nn.Linear)][:4]
+            raise ValueError(f"no module named {missing} in this model; its linear layers are named like {linear}")
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        self.model.eval()
+        modules = dict(self.model.named_modules())
+        self._modules = {n: modules[n] for n in self.names}
+        self.weights = {n: m.weight.detach().numpy().astype(np.float32) for n, m in self._modules.items()}
+
+    def record(self, texts) -> dict[str, np.ndarray]:
+        import torch
+
+        if isinstance(texts, str):
+            texts = [texts]
+        seen: dict[str, list] = {n: [] for n in self.names}
+
+        def hook(name):
+            def keep(_module, inputs, _output):
+                x = inputs[0].detach()
+                seen[name].append(x.reshape(-1, x.shape[-1]).numpy().copy())
+            return keep
+
+        hooks = [m.register_forward_hook(hook(n)) for n, m in self._modules.items()]
+        try:
+            with torch.no_grad():
+                for text in texts:
+                    ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+                    for start in range(0, ids.shape[1], self.window):
+                        # the decoder stack only: the output head's logits are not needed
+                        self.model.model(input_ids=ids[:, start:start + self.window])
+        finally:
+            for h in hooks:
+                h.remove()
+        if not any(seen.values()):
+            raise ValueError("no text to record: pass at least one non-empty string")
+        return {n: np.concatenate(v) for n, v in seen.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,3 +201,110 @@ def test_not_slower_than_gguf_package(qtype):
     ours = best(lambda: quant.quantize(x, qtype))
     theirs = best(lambda: gguf.quants.quantize(x, _gguf_type(qtype)))
     assert ours < 1.5 * theirs, f"labkit {ours:.3f}s vs gguf {theirs:.3f}s"
+
+
+# --- calibrated weight-only quantization (GPTQ- and AWQ-style) ---------------------------------
+
+def _correlated_activations(rng, n=2048, d=256, outlier_channels=(3, 77)):
+    """Activations with correlated channels and a few large ones, like a real layer's inputs.
+
+    The correlation structure is fixed (seed 99); ``rng`` draws the samples, so two calls give a
+    calibration set and a held-out set from the same distribution.
+    """
+    mix = np.random.default_rng(99).standard_normal((d, d)) / np.sqrt(d)
+    X = rng.standard_normal((n, d)) @ (np.eye(d) + 2 * mix)
+    X[:, list(outlier_channels)] *= 20
+    return X
+
+
+def test_valid_group_size():
+    assert quant.valid_group_size(1536) == 128
+    assert quant.valid_group_size(576) == 144           # divisors 96 and 144: 144 is nearer 128
+    assert quant.valid_group_size(100, 128) == 100
+    assert quant.valid_group_size(7, 5) == 7 and quant.valid_group_size(7, 4) == 1   # a tie goes to the smaller
+    with pytest.raises(ValueError):
+        quant.valid_group_size(0)
+
+
+def test_rtn_uses_at_most_2_to_the_bits_levels_per_group_and_half_a_step_of_error():
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((8, 256))
+    W_hat = quant.rtn_quantize(W, bits=4, group_size=64)
+    for row, row_hat in zip(W.reshape(-1, 64), W_hat.reshape(-1, 64)):
+        assert len(np.unique(np.round(row_hat, 12))) <= 16
+        step = (max(row.max(), 0) - min(row.min(), 0)) / 15
+        assert np.abs(row - row_hat).max() <= step / 2 + 1e-12
+    assert np.array_equal(quant.rtn_quantize(np.zeros((2, 64)), 4, 64), np.zeros((2, 64)))
+    const = np.full((1, 64), 0.3)
+    assert np.allclose(quant.rtn_quantize(const, 4, 64), const)        # 0 is in range: 0.3 = 15 steps
+
+
+def test_gptq_equals_rtn_when_inputs_are_uncorrelated():
+    # XᵀX/n = I exactly: nothing to compensate, so GPTQ must reduce to round-to-nearest.
+    rng = np.random.default_rng(1)
+    Q, _ = np.linalg.qr(rng.standard_normal((128, 128)))
+    X = Q * np.sqrt(128)
+    W = rng.standard_normal((16, 128))
+    np.testing.assert_allclose(quant.gptq_quantize(W, X, 4, 32, damp=0.0), quant.rtn_quantize(W, 4, 32), atol=1e-12)
+
+
+def test_gptq_and_awq_lower_the_output_error_that_rtn_leaves():
+    rng = np.random.default_rng(2)
+    X = _correlated_activations(rng)
+    W = rng.standard_normal((64, 256)) * 0.05
+    held_out = _correlated_activations(np.random.default_rng(3))
+    rtn = quant.rtn_quantize(W, 4, 64)
+    gptq = quant.gptq_quantize(W, X, 4, 64)
+    awq, info = quant.awq_quantize(W, X, 4, 64)
+    e = {name: quant.output_error(W, w_hat, X) for name, w_hat in [("rtn", rtn), ("gptq", gptq), ("awq", awq)]}
+    assert e["gptq"] < 0.7 * e["rtn"] and e["awq"] < e["rtn"], e
+    assert info["alpha"] > 0 and info["errors"][0.0] == pytest.approx(np.sum(((X @ (W - rtn).T) ** 2)) / len(X))
+    # ... and the gain carries over to activations the calibration never saw
+    assert quant.output_error(W, gptq, held_out) < quant.output_error(W, rtn, held_out)
+    assert quant.output_error(W, awq, held_out) < quant.output_error(W, rtn, held_out)
+    # the weights themselves move *further* from the originals: it is the output that improves
+    assert np.abs(W - gptq).mean() > np.abs(W - rtn).mean()
+
+
+def test_gptq_blocks_do_not_change_the_result_and_dead_inputs_are_zeroed():
+    rng = np.random.default_rng(4)
+    X = _correlated_activations(rng, d=192)
+    X[:, 5] = 0.0
+    W = rng.standard_normal((32, 192))
+    a = quant.gptq_quantize(W, X, 4, 64, block_size=128)
+    b = quant.gptq_quantize(W, X, 4, 64, block_size=64)
+    np.testing.assert_allclose(a, b, atol=1e-9)
+    assert np.all(a[:, 5] == 0)
+
+
+def test_calibrated_quantizers_reject_bad_input():
+    W, X = np.ones((4, 128)), np.ones((10, 128))
+    with pytest.raises(ValueError, match="does not divide in_features=128"):
+        quant.gptq_quantize(W, X, group_size=96)
+    with pytest.raises(ValueError, match=r"tokens × in_features = \(n, 128\)"):
+        quant.awq_quantize(W, np.ones((10, 64)))
+    with pytest.raises(ValueError, match="NaN"):
+        quant.rtn_quantize(np.full((1, 128), np.nan))
+    with pytest.raises(ValueError, match="2-D"):
+        quant.rtn_quantize(np.ones(128))
+    with pytest.raises(ValueError, match="non-empty, finite"):
+        quant.gptq_quantize(W, np.full((3, 128), np.inf))
+
+
+def test_activation_recorder_captures_the_real_layer_inputs():
+    from gguf import GGUFReader
+    from labkit import models
+
+    with pytest.raises(ValueError, match="no module named.*named like"):
+        quant.ActivationRecorder("smollm2", ["model.layers.99.mlp.down_proj"])
+    rec = quant.ActivationRecorder("smollm2", ["model.layers.2.mlp.down_proj"], window=8)
+    got = rec.record(["The quick brown fox jumps over the lazy dog. " * 3, "Hello"])
+    n_tokens = sum(len(rec.tokenizer(t)["input_ids"]) for t in ["The quick brown fox jumps over the lazy dog. " * 3, "Hello"])
+    X = got["model.layers.2.mlp.down_proj"]
+    assert X.shape == (n_tokens, 1536) and np.isfinite(X).all() and np.abs(X).max() > 0
+    # the weight in transformers is the GGUF tensor, dequantized bit for bit
+    tensor = next(t for t in GGUFReader(str(models.get())).tensors if t.name == "blk.2.ffn_down.weight")
+    ours = quant.dequantize(np.asarray(tensor.data).tobytes(), tensor.tensor_type.name, (576, 1536))
+    assert np.array_equal(rec.weights["model.layers.2.mlp.down_proj"], ours)
+    with pytest.raises(ValueError, match="no text"):
+        rec.record([])
