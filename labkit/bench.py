@@ -228,8 +228,9 @@ def _in_fresh_loop(fn, *args):
 def sweep_concurrency(server, levels=(1, 2, 4, 8, 16), max_tokens: int = 32, requests_per_level: int | None = None,
                       **kwargs) -> list[dict]:
     """Aggregate throughput and per-request latency at each concurrency level."""
+    from .notebook import progress
     rows = []
-    for level in levels:
+    for level in progress(list(levels), "concurrency sweep"):
         timings, wall = run_openai(server, max_tokens=max_tokens, concurrency=level,
                                    requests=requests_per_level or max(level, 4), warmup=0, **kwargs)
         rows.append({"concurrency": level, "requests": len(timings),

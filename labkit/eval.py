@@ -122,7 +122,9 @@ def compare(models: Mapping[str, LogitsFn], tokens: Sequence[int], *, reference:
     nll = {name: [] for name in models}
     kl = {name: [] for name in models if name != reference}
     agree = {name: [] for name in kl}
-    for start, end, first in sliding_windows(len(tokens), window, stride):
+    from .notebook import progress
+    windows = list(sliding_windows(len(tokens), window, stride))
+    for start, end, first in progress(windows, f"scoring {len(models)} models"):
         chunk = tokens[start:end]
         rows = slice(first - start - 1, end - start - 1)   # logits at i predict token i+1
         targets = tokens[first:end]

@@ -410,17 +410,18 @@ def ladder(src: str | os.PathLike, qtypes, *, cache: str | os.PathLike | None = 
     Files live under ``$LABKIT_CACHE/ladder/<sha12>/``; a rerun finds them and returns at once.
     """
     from .models import cache_dir, sha256
+    from .notebook import progress
     src = Path(src)
     folder = Path(cache) if cache else cache_dir() / "ladder" / sha256(src)[:12]
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"F16": folder / f"{src.stem}-F16.gguf"}
-    if not paths["F16"].exists():
-        to_float(src, paths["F16"], "f16")
     for q in qtypes:
-        q = q.upper()
+        if q.upper() != "F16":
+            paths[q.upper()] = folder / f"{src.stem}-{q.upper()}.gguf"
+    missing = [q for q, p in paths.items() if not p.exists()]   # F16 first: the others are built from it
+    for q in progress(missing, "building the ladder") if missing else ():
         if q == "F16":
-            continue
-        paths[q] = folder / f"{src.stem}-{q}.gguf"
-        if not paths[q].exists():
+            to_float(src, paths["F16"], "f16")
+        else:
             quantize(paths["F16"], paths[q], q)
     return paths

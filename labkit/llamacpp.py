@@ -124,6 +124,8 @@ def thread_sweep(model_path, threads: Iterable[int], n_ctx: int = 512, max_token
     burst of load from another process does not decide the winner alone.
     """
     from llama_cpp import Llama
+
+    from .notebook import progress
     threads = [int(t) for t in threads]
     if not threads or min(threads) < 1:
         raise ValueError("threads must be a non-empty list of positive integers")
@@ -131,11 +133,11 @@ def thread_sweep(model_path, threads: Iterable[int], n_ctx: int = 512, max_token
               for t in threads}
     best: dict[int, dict] = {}
     try:
-        for _ in range(max(1, rounds)):
-            for t in threads:
-                s = speed(models[t], max_tokens=max_tokens, repeats=repeats)
-                old = best.get(t)
-                best[t] = s if old is None else {k: max(old[k], s[k]) for k in s}
+        schedule = [t for _ in range(max(1, rounds)) for t in threads]
+        for t in progress(schedule, "thread sweep"):
+            s = speed(models[t], max_tokens=max_tokens, repeats=repeats)
+            old = best.get(t)
+            best[t] = s if old is None else {k: max(old[k], s[k]) for k in s}
     finally:
         for m in models.values():
             m.close()

@@ -5,6 +5,7 @@
   (``LABKIT_REQUIRE_GPU=1``) a missing GPU is an error instead, so a GPU run cannot pass by
   skipping everything.
 * :class:`Chapter` times the whole notebook and prints its wall time against its budget.
+* :func:`progress` puts a progress bar on labkit's slow loops (ladder, scoring, sweeps, indexing).
 """
 from __future__ import annotations
 
@@ -13,6 +14,20 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import GPURequiredError
+
+
+def progress(iterable, desc: str, total: int | None = None):
+    """A tqdm progress bar (a widget in JupyterLab, text elsewhere) around a slow loop.
+
+    ``LABKIT_PROGRESS=0`` turns bars off (e.g. in logs); they are also off when tqdm is missing.
+    """
+    if os.environ.get("LABKIT_PROGRESS", "1") in ("0", "false", ""):
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:      # pragma: no cover - tqdm ships with the lab
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
 def gpu_available() -> bool:

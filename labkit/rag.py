@@ -207,9 +207,16 @@ def build_index(chunks: Sequence, embeddings):
     """A FAISS index over ``chunks``; scores are cosine similarities (higher = closer)."""
     from langchain_community.vectorstores import FAISS
     from langchain_community.vectorstores.utils import DistanceStrategy
+    from .notebook import progress
+    chunks = list(chunks)
     if not chunks:
         raise EmptyCorpusError("No chunks to index: the corpus produced no text.")
-    return FAISS.from_documents(list(chunks), embeddings, distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)
+    texts = [c.page_content for c in chunks]
+    batches = range(0, len(texts), 64)       # embedded in batches so a progress bar can show the slow part
+    vectors = [v for i in progress(batches, f"embedding {len(texts)} chunks") for v in embeddings.embed_documents(texts[i:i + 64])]
+    return FAISS.from_embeddings(list(zip(texts, vectors)), embeddings, metadatas=[c.metadata for c in chunks],
+                                 ids=[c.id for c in chunks] if all(getattr(c, "id", None) for c in chunks) else None,
+                                 distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)
 
 
 def save_index(index, folder: str | Path) -> Path:
@@ -279,9 +286,10 @@ def sweep(documents: Sequence, questions: Sequence[dict], embeddings, *,
     ks = sorted(set(ks))
     texts = [q["question"] for q in questions]
     gold = [q["doc_id"] for q in questions]
+    from .notebook import progress
     vectors = embeddings.embed_documents(texts)
     rows = []
-    for size in chunk_sizes:
+    for size in progress(list(chunk_sizes), "chunk-size sweep"):
         t0 = time.perf_counter()
         chunks = split_documents(documents, chunk_size=size)
         index = build_index(chunks, embeddings)

@@ -77,3 +77,13 @@ def test_chat_box_streams_keeps_history_and_reports_errors():
     import pytest
     with pytest.raises(ValueError, match="model="):
         chat_box(object())
+
+
+def test_progress_bars_wrap_slow_loops_and_can_be_turned_off(monkeypatch):
+    from labkit.notebook import progress
+    items = [1, 2, 3]
+    bar = progress(items, "work")
+    from tqdm import tqdm
+    assert list(bar) == items and isinstance(bar, tqdm) and bar.desc == "work"
+    monkeypatch.setenv("LABKIT_PROGRESS", "0")
+    assert progress(items, "work") is items
