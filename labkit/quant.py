@@ -821,8 +821,6 @@ def _dequantize_q2_k(b):
 
 _QUANTIZERS = {"Q8_0": _quantize_q8_0, "Q4_0": _quantize_q4_0, "Q4_1": _quantize_q4_1, "Q5_0": _quantize_q5_0,
                "Q5_1": _quantize_q5_1, "Q4_K": _quantize_q4_k, "Q6_K": _quantize_q6_k}
-# The block formats labkit.quant can *write* (all of them it can read are in _DEQUANTIZERS).
-QUANTIZE_TYPES = ("Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0")
 _DEQUANTIZERS = {"Q8_0": _dequantize_q8_0, "Q4_0": _dequantize_q4_0, "Q4_1": _dequantize_q4_1,
                  "Q5_0": _dequantize_q5_0, "Q5_1": _dequantize_q5_1, "Q2_K": _dequantize_q2_k,
                  "Q4_K": _dequantize_q4_k, "Q5_K": _dequantize_q5_k, "Q6_K": _dequantize_q6_k}

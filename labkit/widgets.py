@@ -83,7 +83,7 @@ def quant_explorer(gguf_path, tensor: str = "blk.0.ffn_down.weight", qtype: str 
     tensors = {t.name: t for t in reader.tensors if len(t.shape) == 2}
     if tensor not in tensors:
         tensor = next(iter(tensors))
-    formats = list(quant.QUANTIZE_TYPES)
+    formats = [q for q in quant.QUANTIZE_TYPES if q.startswith("Q")]   # the block formats labkit.quant writes
     controls = {"tensor": w.Dropdown(options=list(tensors), value=tensor, description="tensor"),
                 "qtype": w.Dropdown(options=formats, value=qtype if qtype in formats else formats[0], description="format")}
     result, plot = w.HTML(), w.Output()
