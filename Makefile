@@ -6,7 +6,7 @@ TIER ?= ci
 PORT ?= 8888
 export GPU
 
-.PHONY: help setup lab test test-unit test-notebooks run test-gpu lock strip clean
+.PHONY: help setup lab test test-unit test-notebooks run test-gpu lock strip colab clean
 
 help:
 	@echo "make lab        set up (if needed) and open JupyterLab on notebooks/ with the bundled tiny model"
@@ -16,6 +16,7 @@ help:
 	@echo "make test-gpu   on a GPU machine: GPU-tagged cells must run (set-up with GPU=1 first)"
 	@echo "make lock       re-resolve requirements/*.in into the lock files"
 	@echo "make strip      remove outputs from notebooks before committing"
+	@echo "make colab      rewrite every notebook's Colab badge, install cell and metadata (LABKIT_REPO=owner/name for a fork)"
 
 setup:
 	@bash scripts/setup.sh
@@ -45,6 +46,9 @@ lock:
 
 strip:
 	.venv/bin/nbstripout notebooks/*.ipynb
+
+colab:
+	.venv/bin/python -m labkit.colab
 
 clean:
 	rm -rf build .pytest_cache
