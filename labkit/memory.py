@@ -54,37 +54,9 @@ def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int,
     return 2 * n_layers * n_kv_heads * head_dim * n_ctx * per_el * n_seq
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """The numbers the memory formulas need, with where they were read."""
-
-    name: str
-    n_params: float
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    source: str
-
-    def weights_bytes(self, quant: str) -> float:
-        return weights_bytes(self.n_params, quant)
-
-    def kv_cache_bytes(self, n_ctx: int, cache_type: str = "f16", n_seq: int = 1) -> float:
-        return kv_cache_bytes(self.n_layers, self.n_kv_heads, self.head_dim, n_ctx, cache_type, n_seq)
-
-    def total_bytes(self, quant: str, n_ctx: int, cache_type: str = "f16", n_seq: int = 1) -> float:
-        return self.weights_bytes(quant) + self.kv_cache_bytes(n_ctx, cache_type, n_seq)
-
-
-def from_gguf(path) -> Architecture:
-    """An :class:`Architecture` read from a GGUF file's header."""
-    from .gguf import read_header
-    h = read_header(path)
-    n_heads = int(h.arch_value("attention.head_count"))
-    n_kv = h.arch_value("attention.head_count_kv", n_heads)
-    head_dim = h.arch_value("attention.key_length") or int(h.arch_value("embedding_length")) // n_heads
-    return Architecture(str(h.metadata.get("general.name", path)), float(h.n_parameters),
-                        int(h.arch_value("block_count")), n_heads, int(n_kv), int(head_dim), f"GGUF header of {path}")
+def from_gguf(path) -> "ModelConfig":
+    """A :class:`ModelConfig` read from a GGUF file's header (chapter 00)."""
+    return config_from_gguf(path)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +64,8 @@ def from_gguf(path) -> Architecture:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Published architecture numbers of a model (from its config.json), enough to size it."""
+    """Architecture numbers of a model — published (its config.json) or read from a GGUF header —
+    enough to size it: :meth:`weights_bytes`, :meth:`kv_cache_bytes` (counts **KV heads**)."""
 
     name: str
     n_params: float
@@ -105,8 +78,15 @@ class ModelConfig:
     n_vocab: int
     source: str
 
-    def architecture(self) -> Architecture:
-        return Architecture(self.name, self.n_params, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.source)
+    def weights_bytes(self, quant: str) -> float:
+        return weights_bytes(self.n_params, quant)
+
+    def kv_cache_bytes(self, n_ctx: int, cache_type: str = "f16", n_seq: int = 1) -> float:
+        return kv_cache_bytes(self.n_layers, self.n_kv_heads, self.head_dim, n_ctx, cache_type, n_seq)
+
+    def total_bytes(self, quant: str, n_ctx: int, cache_type: str = "f16", n_seq: int = 1) -> float:
+        """Weights + KV cache only; :func:`estimate` adds llama.cpp's padding and runtime overhead."""
+        return self.weights_bytes(quant) + self.kv_cache_bytes(n_ctx, cache_type, n_seq)
 
 
 # Each row read from the model's config.json on Hugging Face (hidden_size, intermediate_size,
@@ -125,8 +105,8 @@ PRESETS: dict[str, ModelConfig] = {m.name: m for m in [
     ModelConfig("Llama-3.1-70B", 70.6e9, 80, 64, 8, 128, 8192, 28672, 128256, "huggingface.co/meta-llama/Llama-3.1-70B-Instruct"),
 ]}
 
-# The larger presets as plain Architectures (chapter 00's "what could this machine run" table).
-REFERENCE_MODELS = [cfg.architecture() for name, cfg in PRESETS.items() if cfg.n_params >= 4e8]
+# The larger presets (chapter 00's "what could this machine run" table).
+REFERENCE_MODELS = [cfg for cfg in PRESETS.values() if cfg.n_params >= 4e8]
 
 # Memory sizes to compare an estimate with (GB as vendors count them: 10^9 bytes).
 # GPU figures: vendor specifications (see ../shared/facts.md).

@@ -53,10 +53,8 @@ def test_estimate_preset_uses_kv_heads_and_padding():
     assert memory.estimate("Llama-3.1-8B", n_ctx=8000).n_ctx_cells == 8192   # llama.cpp pads to 256
     assert memory.estimate("Qwen2.5-7B", "Q8_0", n_ctx=4096, kv_type="q8_0").kv_bytes == pytest.approx(28 * 4 * 128 * 2 * 4096 * 34 / 32)
     assert memory.estimate("Qwen2.5-7B", n_ctx=4096, n_seq=4).kv_bytes == 4 * memory.estimate("Qwen2.5-7B", n_ctx=4096).kv_bytes
-    # presets agree with the older reference table where both exist
-    for arch in memory.REFERENCE_MODELS:
-        if arch.name in memory.PRESETS:
-            assert memory.PRESETS[arch.name].architecture().kv_cache_bytes(1) == arch.kv_cache_bytes(1)
+    # the "what could this machine run" table is the larger presets, same numbers
+    assert memory.REFERENCE_MODELS and all(memory.PRESETS[a.name] is a and a.n_params >= 4e8 for a in memory.REFERENCE_MODELS)
 
 
 def test_estimate_fits():
