@@ -427,9 +427,15 @@ class ActivationRecorder:
         self._modules = {n: modules[n] for n in self.names}
         self.weights = {n: m.weight.detach().numpy().astype(np.float32) for n, m in self._modules.items()}
 
+    def close(self) -> None:
+        """Drop the model (≈ 4 bytes × parameters); ``weights`` and recorded arrays stay usable."""
+        self.model = self._modules = None
+
     def record(self, texts) -> dict[str, np.ndarray]:
         import torch
 
+        if self.model is None:
+            raise ValueError("this recorder was closed; create a new ActivationRecorder to record more")
         if isinstance(texts, str):
             texts = [texts]
         seen: dict[str, list] = {n: [] for n in self.names}

@@ -308,3 +308,7 @@ def test_activation_recorder_captures_the_real_layer_inputs():
     assert np.array_equal(rec.weights["model.layers.2.mlp.down_proj"], ours)
     with pytest.raises(ValueError, match="no text"):
         rec.record([])
+    rec.close()
+    assert rec.weights["model.layers.2.mlp.down_proj"].shape == (576, 1536)
+    with pytest.raises(ValueError, match="closed"):
+        rec.record("more")
