@@ -154,23 +154,42 @@ def compare(models: Mapping[str, LogitsFn], tokens: Sequence[int], *, reference:
 # llama.cpp adapters
 
 class LlamaLogits:
-    """A GGUF model as a ``tokens → logits`` function (llama-cpp-python, all positions' logits)."""
+    """A GGUF model as a ``tokens → logits`` function (llama-cpp-python, all positions' logits).
 
-    def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None, n_batch: int = 512):
-        from llama_cpp import Llama
+    A loaded scorer holds ~3 × n_ctx × vocabulary floats of logit buffers besides its weights
+    (≈ 450 MB for SmolLM2 at n_ctx=512). ``resident=False`` loads the model for each call and
+    frees it afterwards — a fraction of a second per call from the page cache — so comparing
+    several models window by window needs the memory of one (chapter 01 on a 2 GB Binder).
+    """
+
+    def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None, n_batch: int = 512,
+                 *, resident: bool = True):
         self.path = str(path)
-        self.llm = Llama(model_path=self.path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads,
-                         logits_all=True, verbose=False)
+        self._params = dict(n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads, logits_all=True, verbose=False)
+        self.n_ctx = n_ctx
+        self.llm = self._load() if resident else None
+        self.resident = resident
+
+    def _load(self):
+        from llama_cpp import Llama
+        return Llama(model_path=self.path, **self._params)
 
     def __call__(self, tokens: Sequence[int]) -> np.ndarray:
-        if len(tokens) > self.llm.n_ctx():
-            raise ValueError(f"{len(tokens)} tokens do not fit the context of {self.llm.n_ctx()}")
-        self.llm.reset()
-        self.llm.eval(list(tokens))
-        return np.array(self.llm.scores[:len(tokens)], dtype=np.float32)
+        if len(tokens) > self.n_ctx:
+            raise ValueError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
+        llm = self.llm if self.resident else self._load()
+        try:
+            llm.reset()
+            llm.eval(list(tokens))
+            return np.array(llm.scores[:len(tokens)], dtype=np.float32)
+        finally:
+            if not self.resident:
+                llm.close()
 
     def close(self) -> None:
-        self.llm.close()
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
 
 
 def tokenize(path: str | Path, text: str) -> list[int]:

@@ -4,6 +4,8 @@
   otherwise prints one line saying it was skipped. Under ``make test-gpu``
   (``LABKIT_REQUIRE_GPU=1``) a missing GPU is an error instead, so a GPU run cannot pass by
   skipping everything.
+* ``%%needs vllm`` runs a cell only where vLLM is installed and otherwise skips it with one line
+  (an error under CI or ``LABKIT_REQUIRE_VLLM=1``), so chapters run on Binder without vLLM.
 * :class:`Chapter` times the whole notebook and prints its wall time against its budget.
 * :func:`progress` puts a progress bar on labkit's slow loops (ladder, scoring, sweeps, indexing).
 """
@@ -56,13 +58,41 @@ def run_gpu_cell(source: str, namespace: dict) -> bool:
     return True
 
 
-def register_magics(ipython) -> None:
-    from IPython.core.magic import register_cell_magic  # noqa: F401  (import check)
+def vllm_required() -> bool:
+    """CI (``CI`` set) and ``LABKIT_REQUIRE_VLLM=1`` turn a missing vLLM into an error, not a skip."""
+    return any(os.environ.get(v, "") not in ("", "0", "false") for v in ("CI", "LABKIT_REQUIRE_VLLM"))
 
+
+def run_vllm_cell(source: str, namespace: dict) -> bool:
+    """Execute ``source`` if vLLM is installed (``.venv-vllm``); otherwise say so and skip it.
+
+    For places that cannot hold vLLM's environment (Binder's 2 GB, a CPU-only Colab runtime):
+    the rest of the chapter still runs. Return whether the cell ran.
+    """
+    from .errors import EngineNotInstalledError
+    from .servers import vllm_python
+    try:
+        vllm_python()
+    except EngineNotInstalledError as exc:
+        if vllm_required():
+            raise
+        print(f"Skipped: this cell needs vLLM. {exc}")
+        return False
+    exec(compile(source, "<vllm cell>", "exec"), namespace)
+    return True
+
+
+def register_magics(ipython) -> None:
     def gpu(line, cell):
         run_gpu_cell(cell, ipython.user_ns)
 
+    def needs(line, cell):
+        if line.strip() != "vllm":
+            raise ValueError(f"%%needs knows one engine, vllm; got {line.strip()!r}")
+        run_vllm_cell(cell, ipython.user_ns)
+
     ipython.register_magic_function(gpu, magic_kind="cell", magic_name="gpu")
+    ipython.register_magic_function(needs, magic_kind="cell", magic_name="needs")
 
 
 @dataclass

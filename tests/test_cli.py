@@ -92,3 +92,22 @@ def test_bench_cli_saves_results(tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert [row["concurrency"] for row in data["rows"]] == [1, 2]
     assert all(row["throughput_tps"] > 0 for row in data["rows"]) and data["fingerprint"]["cores"] >= 1
+
+
+def test_vllm_cell_runs_skips_or_demands(monkeypatch, tmp_path, capsys):
+    from labkit import servers
+    from labkit.errors import EngineNotInstalledError
+    ns = {}
+    assert notebook.run_vllm_cell("x = 1", ns) is True and ns["x"] == 1        # this lab has .venv-vllm
+    # a machine without it (Binder): skipped with the reason, unless CI demands vLLM
+    monkeypatch.setattr(servers, "REPO_ROOT", tmp_path)
+    monkeypatch.delenv("LABKIT_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "vllm" else object())
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("LABKIT_REQUIRE_VLLM", raising=False)
+    ns = {}
+    assert notebook.run_vllm_cell("x = 1", ns) is False and "x" not in ns
+    assert "Skipped: this cell needs vLLM" in capsys.readouterr().out
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(EngineNotInstalledError, match="make setup"):
+        notebook.run_vllm_cell("x = 1", ns)

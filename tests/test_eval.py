@@ -101,3 +101,18 @@ def test_real_model_perplexity_is_sane(smollm2_path):
     finally:
         model.close()
     assert 2 < scores["m"].perplexity < 200             # vocabulary is 49,152: uniform would be that
+
+
+def test_non_resident_scorer_gives_the_same_logits_and_holds_no_model(smollm2_path):
+    tokens = ev.tokenize(smollm2_path, "The keeper lit the lamp at dusk and wrote in the log.")
+    resident = ev.LlamaLogits(smollm2_path, n_ctx=64, n_threads=1)
+    on_demand = ev.LlamaLogits(smollm2_path, n_ctx=64, n_threads=1, resident=False)
+    try:
+        assert on_demand.llm is None
+        np.testing.assert_array_equal(resident(tokens), on_demand(tokens))
+        assert on_demand.llm is None                      # loaded for the call, freed after it
+        with pytest.raises(ValueError, match="do not fit the context of 64"):
+            on_demand(list(range(65)))
+    finally:
+        resident.close()
+        on_demand.close()
