@@ -42,6 +42,21 @@ def gpu_available() -> bool:
     return bool(torch and torch.cuda.is_available())
 
 
+def _exec_cell(source: str, namespace: dict, name: str):
+    """Run a cell's code as Jupyter would: a final bare expression is displayed (and returned)."""
+    import ast
+    tree = ast.parse(source)
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    exec(compile(tree, name, "exec"), namespace)
+    if last is None:
+        return None
+    value = eval(compile(ast.Expression(last.value), name, "eval"), namespace)
+    if value is not None:
+        from IPython.display import display
+        display(value)
+    return value
+
+
 def gpu_required() -> bool:
     return os.environ.get("LABKIT_REQUIRE_GPU", "") not in ("", "0", "false")
 
@@ -54,7 +69,7 @@ def run_gpu_cell(source: str, namespace: dict) -> bool:
                                    "is usable here (nvidia-smi lists none). Run `make test-gpu` on a GPU machine.")
         print("Skipped: this cell needs an NVIDIA GPU and none was found on this machine.")
         return False
-    exec(compile(source, "<gpu cell>", "exec"), namespace)
+    _exec_cell(source, namespace, "<gpu cell>")
     return True
 
 
@@ -78,7 +93,7 @@ def run_vllm_cell(source: str, namespace: dict) -> bool:
             raise
         print(f"Skipped: this cell needs vLLM. {exc}")
         return False
-    exec(compile(source, "<vllm cell>", "exec"), namespace)
+    _exec_cell(source, namespace, "<vllm cell>")
     return True
 
 

@@ -111,3 +111,12 @@ def test_vllm_cell_runs_skips_or_demands(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("CI", "1")
     with pytest.raises(EngineNotInstalledError, match="make setup"):
         notebook.run_vllm_cell("x = 1", ns)
+
+
+def test_guarded_cells_display_their_last_expression_like_jupyter(monkeypatch, capsys):
+    monkeypatch.setattr(notebook, "gpu_available", lambda: True)
+    ns = {}
+    assert notebook.run_gpu_cell("x = 20\nx + 22", ns) is True and ns["x"] == 20
+    assert "42" in capsys.readouterr().out
+    assert notebook.run_gpu_cell("y = 1\nNone", ns) and capsys.readouterr().out == ""
+    assert notebook.run_vllm_cell("z = [1, 2]\nlen(z)", ns) and "2" in capsys.readouterr().out
