@@ -13,11 +13,17 @@ Chapter map (where each helper is introduced):
 * 04 vLLM: :mod:`labkit.vllm_lab` (offline engine, /metrics), :mod:`labkit.paging` (simulators).
 * 05 RAG: :mod:`labkit.rag`.
 * 06 benchmarking: :mod:`labkit.bench`.
-* 07 troubleshooting: :mod:`labkit.troubleshoot`, :mod:`labkit.doctor`.
+* 07 troubleshooting: :mod:`labkit.troubleshoot`, :mod:`labkit.doctor`, :mod:`labkit.repack`
+  (weight repacking and the AMX crash).
 """
+from . import repack
 from .errors import (CorruptModelError, EngineNotInstalledError, GPURequiredError, LabkitError,
                      ModelNotFoundError, PortInUseError, ServerStartError)
 from .servers import Server, serve
+
+# Before any Llama(...) in this process: llama.cpp's AMX weight buffer crashes on multi-token
+# prompts (labkit.repack). Imports nothing on CPUs without AMX.
+repack.install()
 
 __version__ = "0.1.0"
 __all__ = ["serve", "Server", "LabkitError", "ModelNotFoundError", "CorruptModelError",

@@ -1,7 +1,8 @@
 """The ``labkit`` command (introduced in chapter 00).
 
     labkit doctor [--require-gpu] [--min-free-vram GB]   environment report; exit 1 on a failed check
-    labkit serve ENGINE [--model M] [--port P]           a managed server in the foreground (Ctrl-C stops it)
+    labkit serve ENGINE [--model M] [--port P]           a managed server in the foreground (Ctrl-C stops it);
+                                                         ENGINE: llama.cpp, llama-server, vllm or ollama
     labkit run [NOTEBOOK ...] [--tier ci|full]           execute notebooks into build/, print a time table
     labkit bench --engine E [--model M]                  TTFT / ITL / tokens/s, saved as JSON + CSV
     labkit hardware                                      the hardware probe as a table (--json for JSON)
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .servers import ENGINES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +34,8 @@ def cmd_serve(args) -> int:
     options = {}
     for item in args.option or []:
         key, _, value = item.partition("=")
-        options[key] = value
+        # "-o jinja" or "-o jinja=true" is a bare flag for llama-server and vLLM
+        options[key] = {"": True, "true": True, "false": False}.get(value.lower(), value)
     with serve(args.engine, args.model, host=args.host, port=args.port, api_key=args.api_key, **options) as srv:
         print(f"{args.engine} serving {srv.model!r} at {srv.base_url} (pid {srv.pid}); Ctrl-C stops it.", flush=True)
         try:
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("serve", help="run an engine's server in the foreground")
-    p.add_argument("engine", choices=["llama.cpp", "vllm", "ollama"])
+    p.add_argument("engine", choices=list(ENGINES))
     p.add_argument("--model", default=None, help="bundled name, .gguf path or HF folder (default: $LABKIT_MODEL or smollm2)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; use an --api-key if you widen it)")
     p.add_argument("--port", type=int, default=None)

@@ -62,6 +62,38 @@ def memory_need_bytes(model=None, n_ctx: int = 2048) -> float:
     return fit_report(path, n_ctx, available_bytes=0).total_bytes
 
 
+def repack_check() -> Check:
+    """The CPU's matrix features, whether llama.cpp has AMX kernels, and the repacking choice in
+    force in this process (read back from ``llama_model_default_params``, not assumed)."""
+    import llama_cpp
+
+    from . import repack
+    decision = repack.decide()
+    in_force = bool(llama_cpp.llama_model_default_params().use_extra_bufts)
+    detail = (f"CPU: {', '.join(decision.cpu_features) or 'no AVX2/AVX-512/AMX'}; llama.cpp AMX kernels: "
+              f"{'yes' if repack.llama_build_has_amx() else 'no'}; {decision}")
+    if in_force != decision.enabled:
+        return Check("llama.cpp weight repacking", False, detail + f" — but this process loads with repacking "
+                     f"{'on' if in_force else 'off'}", "import labkit before creating Llama(...), or call labkit.repack.install()")
+    unsafe = in_force and "amx_int8" in decision.cpu_features and repack.llama_build_has_amx()
+    return Check("llama.cpp weight repacking", not unsafe, detail,
+                 f"unset {repack.ENV_VAR}: with AMX, multi-token prompts crash (llama.cpp #20824)", required=False)
+
+
+def llama_programs_check() -> Check:
+    """llama.cpp's own programs are built, and from the same source as the Python bindings."""
+    from . import llama_tools
+    from .errors import EngineNotInstalledError
+    try:
+        server = llama_tools.program("llama-server")
+    except EngineNotInstalledError as exc:
+        return Check("llama.cpp programs (llama-server, llama-bench, ...)", False, "not built", str(exc), required=False)
+    skew = llama_tools.skew()
+    detail = f"{server.parent} — {llama_tools.version()}" + (f"; {skew}" if skew else "; same source as the bindings")
+    return Check("llama.cpp programs (llama-server, llama-bench, ...)", skew is None, detail,
+                 "make setup (rebuilds the programs from the pinned llama-cpp-python source)", required=False)
+
+
 def run_checks(model=None, n_ctx: int = 2048, require_gpu: bool = False, min_free_vram_gb: float | None = None,
                ports: list[int] = (), start_engine: bool = False, lock: Path = LOCK_FILE) -> list[Check]:
     from . import hardware, models
@@ -80,6 +112,9 @@ def run_checks(model=None, n_ctx: int = 2048, require_gpu: bool = False, min_fre
     hw = hardware.probe()
     llama = hw.engines.get("llama.cpp")
     checks.append(Check("llama-cpp-python", bool(llama), llama or "not installed", "make setup"))
+    if llama:
+        checks.append(repack_check())
+    checks.append(llama_programs_check())
     server_ok = all(importlib.util.find_spec(m) for m in ("uvicorn", "fastapi", "sse_starlette", "starlette_context"))
     checks.append(Check("llama-cpp-python [server] extra", server_ok, "present" if server_ok else "missing", "make setup"))
     checks.append(Check("vLLM environment (.venv-vllm)", bool(hw.engines.get("vllm")), hw.engines.get("vllm") or "missing",

@@ -187,12 +187,20 @@ def llama_cpp_supports_gpu_offload() -> bool | None:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (containers, taskset) where the OS has one
+    (Linux), else all logical cores (macOS has no ``os.sched_getaffinity``)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def probe() -> Hardware:
     """Read this machine's hardware and installed engines."""
     import psutil
     model, simd = _cpu_model_and_flags()
     total, available = _memory()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = usable_cores()
     gpus = nvidia_gpus() or _torch_gpus()
     engines = {name: (_vllm_version() if name == "vllm" else _version(dist)) for name, dist in ENGINE_PACKAGES.items()}
     offload = llama_cpp_supports_gpu_offload()

@@ -259,6 +259,7 @@ def measure_rss(path, n_ctx: int, n_prompt: int = 512, n_threads: int | None = N
     import sys
     code = f"""
 import json, psutil
+import labkit  # applies labkit.repack (llama.cpp's AMX crash) before the model loads
 from llama_cpp import Llama
 p = psutil.Process(); before = p.memory_info().rss
 llm = Llama(model_path={str(path)!r}, n_ctx={n_ctx}, n_batch=512, n_threads={n_threads!r}, verbose=False)

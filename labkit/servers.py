@@ -12,15 +12,20 @@ an error), at interpreter exit, and when the owning process dies (kernel restart
 
 Engines:
 
-* ``"llama.cpp"`` — ``python -m llama_cpp.server`` from llama-cpp-python, with
+* ``"llama.cpp"`` — ``python -m llama_cpp.server`` from llama-cpp-python (started through
+  ``labkit.repack``, which applies this CPU's weight-repacking rule), with
   ``--interrupt_requests False`` so a second request queues instead of silently cutting off
   the first one's stream.
+* ``"llama-server"`` — llama.cpp's own C++ server (:mod:`labkit.llama_tools`, built by
+  ``make setup`` from the same source): parallel slots and continuous batching, ready when
+  ``/health`` answers. Options become ``--name-with-dashes value`` flags (``parallel=4``,
+  ``n_gpu_layers=99``, ``jinja=True``).
 * ``"vllm"`` — vLLM's OpenAI-compatible server, run by the ``.venv-vllm`` interpreter.
 * ``"ollama"`` — a real ``ollama serve`` when the binary is installed, an Ollama already
   answering at ``$OLLAMA_HOST``, or else labkit's Ollama-compatible server.
 
 Options are passed to the engine as ``--name value`` flags (underscores kept for llama.cpp,
-turned into dashes for vLLM); ``True`` values become bare flags for vLLM.
+turned into dashes for llama-server and vLLM); ``True`` values become bare flags for those two.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ from pathlib import Path
 from .errors import EngineNotInstalledError, PortInUseError, ServerStartError
 from . import models
 
-ENGINES = ("llama.cpp", "vllm", "ollama")
+ENGINES = ("llama.cpp", "llama-server", "vllm", "ollama")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL_LINES = 30
 _live: "set[Server]" = set()
@@ -237,11 +242,22 @@ def _command(engine: str, model_path: Path, name: str, host: str, port: int,
         _require_modules("llama.cpp", ["llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings"])
         opts = {"n_ctx": 2048, "interrupt_requests": False}
         opts.update(options)
-        argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
+        # Through labkit.repack, so that the server's Llama follows this machine's repacking rule.
+        argv = [sys.executable, "-m", "labkit.repack", "llama_cpp.server", "--model", str(model_path),
                 "--model_alias", name, "--host", host, "--port", str(port)]
         if api_key:
             argv += ["--api_key", api_key]
         return argv + _flags(opts, dash=False), {}, "/v1/models"
+    if engine == "llama-server":
+        from . import llama_tools, repack
+        from .hardware import usable_cores
+        opts = {"ctx_size": 2048, "threads": usable_cores()}
+        opts.update(options)
+        argv = [str(llama_tools.program("llama-server")), "--model", str(model_path), "--alias", name,
+                "--host", host, "--port", str(port), *repack.llama_server_args()]
+        if api_key:
+            argv += ["--api-key", api_key]
+        return argv + _flags(opts, dash=True), {}, "/health"
     if engine == "vllm":
         python = vllm_python()
         folder = models.hf_folder(model_path)
@@ -314,9 +330,9 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
         name = ollama_names.get(name, name)
         if ":" not in name:
             name += ":latest"
-    if engine == "llama.cpp" and model_path.is_file() and str(options.get("n_ctx", 2048)).isdigit():
+    if engine in ("llama.cpp", "llama-server") and model_path.is_file() and str(options.get("n_ctx", 2048)).isdigit():
         from .troubleshoot import check_fits
-        check_fits(model_path, n_ctx=int(options.get("n_ctx", 2048)))   # refuse before loading, with the fixes
+        check_fits(model_path, n_ctx=int(options.get("n_ctx", options.get("ctx_size", 2048))))   # refuse before loading, with the fixes
     if port is not None and not port_is_free(port, host):
         raise PortInUseError(
             f"Port {port} on {host} is already in use{_who_listens(port)}. Stop whatever uses it, pick another "
@@ -324,7 +340,7 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"WARNING: {engine} will listen on {host}, reachable from your network, with no API key. "
               "Pass api_key=... (and use a firewall) unless this network is yours alone.", file=sys.stderr)
-    timeout = ready_timeout or {"llama.cpp": 120, "vllm": 600, "ollama": 120}[engine]
+    timeout = ready_timeout or {"llama.cpp": 120, "llama-server": 120, "vllm": 600, "ollama": 120}[engine]
     attempts = 1 if port is not None else 3
     last_error: Exception | None = None
     for _ in range(attempts):

@@ -9,6 +9,9 @@
 * :func:`served_model_check` — llama-cpp-python's server silently answers requests for any
   model name with its default model; this compares the name with what the server lists.
 * :func:`distinct_ratio` / :func:`repetition_ratio` — numbers for "the output looks wrong".
+* :func:`run_native` — run code that may crash in native code in a child process and read the
+  crash the way a bug report needs it: signal, ``faulthandler``'s Python stack, llama.cpp's
+  system info (:func:`system_info`).
 """
 from __future__ import annotations
 
@@ -256,3 +259,49 @@ def overlapping_streams(client, model: str, max_tokens: int = 64, delay_s: float
     out["second_tokens"] = r.usage.completion_tokens
     t.join(timeout=120)
     return out
+
+
+# ----------------------------------------------------------------------------- native crashes
+@dataclass
+class NativeRun:
+    """What a child process that ran native code left behind."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def signal(self) -> str | None:
+        """The signal that killed it (``SIGSEGV``, ``SIGABRT``, ...), None when it exited."""
+        import signal
+        if self.returncode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.returncode).name
+        except ValueError:
+            return f"signal {-self.returncode}"
+
+    @property
+    def crashed(self) -> bool:
+        return self.returncode < 0
+
+    @property
+    def python_stack(self) -> str:
+        """``faulthandler``'s dump: the fatal error and the Python line that called into native code."""
+        m = re.search(r"Fatal Python error:.*?(?=\nExtension modules:|\Z)", self.stderr, re.DOTALL)
+        return m.group(0).strip() if m else ""
+
+
+def run_native(code: str, env: dict | None = None, timeout: float = 300) -> NativeRun:
+    """Run ``code`` with ``python -X faulthandler`` in a child process, so a segfault or abort in
+    llama.cpp ends the child, not this kernel, and leaves a Python stack to read."""
+    import os
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                         timeout=timeout, env={**os.environ, **(env or {})}, check=False)
+    return NativeRun(out.returncode, out.stdout, out.stderr)
+
+
+def system_info() -> str:
+    """llama.cpp's own summary of its build (CPU features compiled in, backends) — paste it in bug reports."""
+    import llama_cpp
+    return llama_cpp.llama_print_system_info().decode(errors="replace").strip()

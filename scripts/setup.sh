@@ -20,6 +20,8 @@ mkdir -p "$CACHE" "$LOGS"
 RECIPE=1
 hash_of() { { echo "recipe $RECIPE"; cat "$@"; } | sha256sum | cut -c1-16; }
 MAIN_KEY=main-$(hash_of requirements/lock.txt requirements/main.in requirements/models.in)-gpu$GPU
+# The native llama.cpp programs depend only on the llama-cpp-python pin and their build script.
+TOOLS_KEY=llama-tools-$({ echo "recipe $RECIPE"; grep -i '^llama[-_]cpp[-_]python==' requirements/lock.txt; cat scripts/build_llama_tools.sh; } | sha256sum | cut -c1-16)-gpu$GPU
 VLLM_KEY=vllm-$(hash_of requirements/lock-vllm.txt requirements/vllm.in requirements/models.in)-gpu$GPU
 
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' || {
@@ -91,6 +93,12 @@ ensure_env() {  # ensure_env LINK KEY BUILDER
 
 ensure_env .venv "$MAIN_KEY" build_main
 ensure_env .venv-vllm "$VLLM_KEY" build_vllm
+build_tools() {
+  echo "setup: building llama.cpp's programs (llama-server, llama-bench, ...) from the pinned source in $1 (~7-8 min on 2 cores; log: $LOGS/$TOOLS_KEY.log)"
+  : >"$LOGS/$TOOLS_KEY.log"
+  run_logged "$LOGS/$TOOLS_KEY.log" env PYTHON="$REPO/.venv/bin/python" bash scripts/build_llama_tools.sh "$1"
+}
+ensure_env .llama.cpp "$TOOLS_KEY" build_tools
 
 # Per-clone steps (seconds): labkit itself, editable, in both environments; Jupyter kernels.
 for env in .venv .venv-vllm; do

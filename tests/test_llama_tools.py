@@ -1,0 +1,68 @@
+"""llama.cpp's own programs: found (or a clear error), same source as the bindings, and
+``labkit.serve("llama-server")`` supervised like the other engines."""
+import subprocess
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+import labkit
+from labkit import llama_tools, llamacpp, repack
+from labkit.errors import EngineNotInstalledError
+
+try:
+    llama_tools.program("llama-server")
+    BUILT = True
+except EngineNotInstalledError:
+    BUILT = False
+needs_programs = pytest.mark.skipif(not BUILT, reason="llama.cpp's programs are not built (make setup builds them)")
+
+
+def test_missing_program_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_LLAMA_CPP", str(tmp_path))
+    monkeypatch.setattr(llama_tools, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(EngineNotInstalledError, match="make setup") as err:
+        llama_tools.program("llama-bench")
+    assert str(tmp_path / "bin") in str(err.value)
+    with pytest.raises(ValueError, match="llama-server"):
+        llama_tools.program("llama-cli-that-does-not-exist")
+
+
+def test_version_skew_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("LABKIT_LLAMA_CPP", str(tmp_path))
+    (tmp_path / "LLAMA_CPP_PYTHON_VERSION").write_text("0.0.1\n")
+    assert "0.0.1" in llama_tools.skew() and "make setup" in llama_tools.skew()
+
+
+@needs_programs
+def test_programs_come_from_the_bindings_source():
+    assert llama_tools.skew() is None
+    for name in llama_tools.PROGRAMS:
+        assert llama_tools.program(name).is_file()
+    assert llama_tools.version().startswith("version: ")
+    argv, env = llama_tools.converter("convert_hf_to_gguf.py")
+    out = subprocess.run(argv + ["--help"], capture_output=True, text=True, env={**__import__("os").environ, **env},
+                         timeout=120, check=False)
+    assert out.returncode == 0 and "--outtype" in out.stdout, out.stderr[-2000:]
+
+
+@needs_programs
+def test_llama_server_serves_batches_and_stops(smollm2_path):
+    with labkit.serve("llama-server", smollm2_path, parallel=4, api_key="sekret") as srv:
+        assert srv.host == "127.0.0.1" and srv.command[0].endswith("llama-server")
+        assert ("--no-repack" in srv.command) == (not repack.decide().enabled)
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(srv.base_url + "/v1/models", timeout=10)
+        assert denied.value.code == 401
+        client = srv.openai()
+        reply = client.chat.completions.create(model=srv.model, max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": "Name a colour. One word."}])
+        assert reply.usage.prompt_tokens > 8 and reply.usage.completion_tokens > 0
+        # four parallel slots: simultaneous streams are decoded together, so their tokens interleave
+        run = llamacpp.concurrent_streams(client, srv.model, ["Count to ten."] * 4, max_tokens=16)
+        assert all(r["tokens"] > 0 for r in run["requests"]) and run["switches"] > 3, run
+        family = [srv.pid] + [c.pid for c in psutil.Process(srv.pid).children(recursive=True)]
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in family)
