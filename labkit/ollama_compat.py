@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import modelfile as mf
+from .cancellable import ClientGone, cancellable_stream, drain
 
 VERSION = "0.0.0-labkit"          # semver-shaped, and plainly not a real Ollama release
 DEFAULT_PORT = 11434
@@ -806,7 +807,8 @@ def build_app(service: Service):
             raise APIError(400, "the request body must be a JSON object")
         return data
 
-    def ndjson(gen: Iterator[dict]) -> StreamingResponse:
+    def ndjson(gen: Iterator[dict], closes: tuple[Iterator, ...] = ()) -> StreamingResponse:
+        """NDJSON lines; ``gen`` (and ``closes``) are stopped and closed if the client goes away."""
         def lines():
             try:
                 for obj in gen:
@@ -815,7 +817,7 @@ def build_app(service: Service):
                 yield json.dumps({"error": exc.message}) + "\n"
             except Exception as exc:   # mid-stream: the status line is already sent
                 yield json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n"
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return cancellable_stream(lines(), "application/x-ndjson", closes)
 
     def endpoint(fn, openai: bool = False):
         async def handler(request: Request):
@@ -824,6 +826,8 @@ def build_app(service: Service):
                 return await fn(request, t0)
             except APIError as exc:
                 return (oai_err if openai else err)(exc.status, exc.message)
+            except ClientGone:        # nobody is listening; 499 as nginx logs it ("client closed request")
+                return Response(status_code=499)
             except Exception as exc:  # never let one request take the server down
                 import traceback
                 traceback.print_exc()
@@ -906,7 +910,7 @@ def build_app(service: Service):
                                        ("model", "created_at", "response", "done", "done_reason")}}
         return out
 
-    async def respond(kind: str, body: dict, manifest: Manifest, t0: int, payload):
+    async def respond(request: Request, kind: str, body: dict, manifest: Manifest, t0: int, payload):
         name = manifest.name
         if stream_flag(body):
             gen = generation(kind, body, manifest, t0, payload)
@@ -917,14 +921,10 @@ def build_app(service: Service):
                     yield shaped(kind, name, first, True)
                 for chunk in gen:
                     yield shaped(kind, name, chunk, True)
-            return ndjson(rest())
+            return ndjson(rest(), closes=(gen,))
 
-        def whole():
-            last = None
-            for chunk in generation(kind, body, manifest, t0, payload):
-                last = chunk
-            return shaped(kind, name, last, False)
-        return JSONResponse(await run_in_threadpool(whole))
+        last = await drain(request, generation(kind, body, manifest, t0, payload), reduce=lambda chunks: chunks[-1])
+        return JSONResponse(shaped(kind, name, last, False))
 
     def load_or_unload(kind: str, body: dict, manifest: Manifest) -> dict:
         keep_alive = parse_duration(body.get("keep_alive"), default=sched.default_keep_alive)
@@ -962,7 +962,7 @@ def build_app(service: Service):
             raise APIError(400, f"\"{manifest.name}\" does not support insert (suffix)")
         if not prompt and not body.get("context"):
             return JSONResponse(await run_in_threadpool(load_or_unload, "generate", body, manifest))
-        return await respond("generate", body, manifest, t0, prompt or "")
+        return await respond(request, "generate", body, manifest, t0, prompt or "")
 
     async def chat(request: Request, t0):
         body = await body_of(request)
@@ -986,7 +986,7 @@ def build_app(service: Service):
         history = list(manifest.messages)
         if manifest.system and not any(x["role"] == "system" for x in clean + history):
             history = [{"role": "system", "content": manifest.system}] + history
-        return await respond("chat", body, manifest, t0, history + clean)
+        return await respond(request, "chat", body, manifest, t0, history + clean)
 
     def embed_vectors(manifest: Manifest, inputs: list[str], body: dict, *, normalize: bool, truncate: bool,
                       dims: int | None) -> tuple[list, int, int]:
@@ -1443,15 +1443,10 @@ def build_app(service: Service):
                 for ev in events():
                     yield f"data: {json.dumps(ev, ensure_ascii=False)}\n\n"
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return cancellable_stream(sse(), "text/event-stream", closes=(gen,))
 
-        def whole():
-            text, final = "", None
-            for chunk in generation(gkind, ob, manifest, t0, payload):
-                if "final" in chunk:
-                    text, final = chunk["text"], chunk["final"]
-            return text, final
-        text, final = await run_in_threadpool(whole)
+        last = await drain(request, generation(gkind, ob, manifest, t0, payload), reduce=lambda chunks: chunks[-1])
+        text, final = last["text"], last["final"]
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish(final)}
         else:

@@ -430,3 +430,51 @@ def test_stale_store_entries_do_not_break_the_listing(tmp_path, monkeypatch):
         import ollama as _ollama
         names = [m.model for m in _ollama.Client(host=srv.base_url).list().models]
     assert "smollm2:135m" in names and "ghost:latest" not in names
+
+
+# ----------------------------------------------------------------------------- clients that go away
+LONG = 2000   # tokens: ~30 s of decoding on one thread, so a follow-up answered in seconds proves cancellation
+# Hot sampling seldom draws the end-of-text token, so the abandoned generation would really run long.
+HOT = {"temperature": 2.0, "top_p": 1.0, "seed": 7}
+ABANDONED = {
+    "/api/generate": {"model": CHAT, "prompt": "Tell me a long story about the sea.",
+                      "options": {"num_predict": LONG, "num_ctx": 4096, "top_k": 0, **HOT}},
+    "/api/chat": {"model": CHAT, "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+                  "options": {"num_predict": LONG, "num_ctx": 4096, "top_k": 0, **HOT}},
+    "/v1/chat/completions": {"model": CHAT, "max_tokens": LONG, **HOT,
+                             "messages": [{"role": "user", "content": "Tell me a long story about the sea."}]},
+    "/v1/completions": {"model": CHAT, "max_tokens": LONG, "prompt": "Once upon a time", **HOT},
+}
+
+
+def _abandon(base: str, path: str, body: dict, when: str) -> None:
+    """Send a request and drop the connection: after the first streamed line, or before any answer."""
+    import http.client
+    import urllib.parse
+    url = urllib.parse.urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    if when == "after first token":
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.readline().strip()
+    else:
+        time.sleep(0.3)          # prefill (or the whole non-streamed answer) is under way
+    conn.sock.shutdown(2)
+    conn.close()
+
+
+@pytest.mark.parametrize("path", list(ABANDONED))
+@pytest.mark.parametrize("stream, when", [(True, "after first token"), (True, "before first token"),
+                                          (False, "before first token")])
+def test_a_client_that_goes_away_frees_the_model(target, path, stream, when):
+    """An interrupted cell or a client timeout must not wedge the model: the next request is answered
+    at once (the abandoned 2000-token generation was cancelled, not run to its end)."""
+    body = dict(ABANDONED[path], stream=stream)
+    _abandon(target[1], path, body, when)
+    t0 = time.monotonic()
+    reply = httpx.post(target[1] + "/api/generate", timeout=60,
+                       json={"model": CHAT, "prompt": "hi", "stream": False, "options": QUICK})
+    waited = time.monotonic() - t0
+    assert reply.status_code == 200 and reply.json()["done"], reply.text
+    assert waited < 8, f"the follow-up waited {waited:.1f} s: the abandoned generation kept the model"
