@@ -8,8 +8,10 @@ Chapter map (where each helper is introduced):
   (``%%gpu`` cells, chapter timer), :mod:`labkit.check` (exercise feedback).
 * 01 quantization: :mod:`labkit.quant` (ggml block formats), :mod:`labkit.gguf` (inspect, to_float,
   quantize, ladder), :mod:`labkit.eval` (perplexity, KL-divergence), :mod:`labkit.memory` (estimator).
-* 02 Ollama: :mod:`labkit.ollama_compat` (Ollama-compatible server), :mod:`labkit.modelfile`.
-* 03 llama.cpp: :mod:`labkit.llamacpp`.
+* 02 Ollama: :mod:`labkit.ollama_compat` (Ollama-compatible server), :mod:`labkit.modelfile`,
+  :mod:`labkit.cancellable` (generation stopped when its client goes away).
+* 03 llama.cpp: :mod:`labkit.llamacpp`, :mod:`labkit.llama_tools` (llama.cpp's own programs:
+  ``llama-server``, ``llama-bench``, ...).
 * 04 vLLM: :mod:`labkit.vllm_lab` (offline engine, /metrics), :mod:`labkit.paging` (simulators).
 * 05 RAG: :mod:`labkit.rag`.
 * 06 benchmarking: :mod:`labkit.bench`.

@@ -48,6 +48,20 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
         start, first = start + stride, end
 
 
+def llama_cpp_chunks(n_tokens: int, n_ctx: int = 512) -> list[tuple[int, int, int]]:
+    """The spans ``llama-perplexity`` scores, in :func:`sliding_windows`' form: non-overlapping
+    chunks of ``n_ctx`` tokens (a shorter tail is dropped), each scoring only its second half —
+    the first half is context. Fewer tokens scored, each with less context than sliding windows
+    give, so its perplexity is higher on the same text.
+
+    >>> llama_cpp_chunks(1100, 512)
+    [(0, 512, 257), (512, 1024, 769)]
+    """
+    if n_tokens < n_ctx:
+        raise ValueError(f"need at least one chunk of {n_ctx} tokens, got {n_tokens}")
+    return [(s, s + n_ctx, s + n_ctx // 2 + 1) for s in range(0, n_tokens - n_ctx + 1, n_ctx)]
+
+
 def log_softmax(logits: np.ndarray, dtype=np.float64) -> np.ndarray:
     """Numerically stable log-softmax over the last axis (float64 unless asked otherwise)."""
     x = np.asarray(logits, dtype=dtype)
@@ -110,11 +124,14 @@ class Score:
 
 
 def compare(models: Mapping[str, LogitsFn], tokens: Sequence[int], *, reference: str,
-            window: int = 512, stride: int = 256) -> dict[str, Score]:
+            window: int = 512, stride: int = 256, spans: Sequence[tuple[int, int, int]] | None = None,
+            first_token: int | None = None) -> dict[str, Score]:
     """Score every model on ``tokens`` window by window, and compare each with ``reference``.
 
     Models run in lockstep per window, so only one window of reference log-probabilities is
-    ever held in memory (the vocabulary makes a whole text's worth large).
+    ever held in memory (the vocabulary makes a whole text's worth large). ``spans`` replaces
+    the sliding windows (e.g. :func:`llama_cpp_chunks`); ``first_token`` replaces each window's
+    first token, as llama-perplexity does with BOS for models that use one.
     """
     if reference not in models:
         raise ValueError(f"reference {reference!r} is not among the models {list(models)}")
@@ -123,9 +140,11 @@ def compare(models: Mapping[str, LogitsFn], tokens: Sequence[int], *, reference:
     kl = {name: [] for name in models if name != reference}
     agree = {name: [] for name in kl}
     from .notebook import progress
-    windows = list(sliding_windows(len(tokens), window, stride))
+    windows = list(spans) if spans is not None else sliding_windows(len(tokens), window, stride)
     for start, end, first in progress(windows, f"scoring {len(models)} models"):
         chunk = tokens[start:end]
+        if first_token is not None:
+            chunk = [first_token, *chunk[1:]]
         rows = slice(first - start - 1, end - start - 1)   # logits at i predict token i+1
         targets = tokens[first:end]
         # float32 is plenty for KL of ~1e-3 nats and halves the time over a 49k-token vocabulary
@@ -198,6 +217,21 @@ def tokenize(path: str | Path, text: str) -> list[int]:
     llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:
         return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    finally:
+        llm.close()
+
+
+def llama_cpp_tokens(path: str | Path, text: str) -> tuple[list[int], int | None]:
+    """``text`` tokenized as ``llama-perplexity`` does (with BOS where the model asks for one), and
+    the token it forces at the start of every chunk (BOS for such models, else None): pass both to
+    :func:`compare` with ``spans=llama_cpp_chunks(...)`` to score exactly what it scores."""
+    import llama_cpp
+    from llama_cpp import Llama
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))
+        tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)   # BOS only if the model adds one
+        return tokens, (llm.token_bos() if add_bos else None)
     finally:
         llm.close()
 

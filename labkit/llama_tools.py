@@ -94,3 +94,75 @@ def skew() -> str | None:
     if source != bindings:
         return f"programs built from llama-cpp-python {source}, bindings are {bindings}: run `make setup`"
     return None
+
+
+# ----------------------------------------------------------------------------- running the programs (chapter 01)
+def run(name: str, *args: str, timeout: float = 600) -> str:
+    """Run one of the programs; its combined output, or an error with the command and its last lines.
+
+    Programs that compute with a model get this machine's repacking rule (:mod:`labkit.repack`).
+    """
+    from . import repack
+    argv = [str(program(name)), *map(str, args)]
+    if name in ("llama-imatrix", "llama-perplexity"):
+        argv += repack.llama_server_args()      # the common --no-repack flag where repacking is off
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    text = out.stdout + out.stderr
+    if out.returncode != 0:
+        tail = "\n".join(text.splitlines()[-15:])
+        raise RuntimeError(f"{name} failed (exit {out.returncode}): {' '.join(argv)}\n{tail}")
+    return text
+
+
+def convert_hf(folder, outfile, outtype: str = "f16", timeout: float = 900) -> Path:
+    """``convert_hf_to_gguf.py FOLDER --outtype OUTTYPE --outfile OUTFILE``: an HF safetensors
+    folder (config, tokenizer, weights) to a GGUF, as model publishers make theirs."""
+    argv, env = converter("convert_hf_to_gguf.py")
+    out = subprocess.run([*argv, str(folder), "--outtype", outtype, "--outfile", str(outfile)], capture_output=True,
+                         text=True, timeout=timeout, env={**os.environ, **env}, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return Path(outfile)
+
+
+def imatrix(model, text_file, outfile, *, n_ctx: int = 512, threads: int | None = None) -> Path:
+    """``llama-imatrix``: run the model over calibration text and save, per weight matrix, the mean
+    squared activation of each input column — how much each column's rounding error matters."""
+    from .hardware import usable_cores
+    run("llama-imatrix", "-m", model, "-f", text_file, "-o", outfile, "-c", n_ctx, "-t", threads or usable_cores())
+    return Path(outfile)
+
+
+def quantize(src, dst, qtype: str, *, imatrix_file=None, threads: int | None = None) -> Path:
+    """``llama-quantize [--imatrix FILE] SRC DST QTYPE``. Same llama.cpp function as
+    :func:`labkit.gguf.quantize` (``llama_model_quantize``); the program also takes an imatrix,
+    which weights each column's rounding error by its importance."""
+    from .hardware import usable_cores
+    args = (["--imatrix", imatrix_file] if imatrix_file else []) + [src, dst, qtype, threads or usable_cores()]
+    run("llama-quantize", *args)
+    return Path(dst)
+
+
+_PPL_FIELDS = {"ppl": r"Final estimate: PPL = ([\d.]+)", "ppl_q": r"Mean PPL\(Q\)\s*:\s*([\d.]+)",
+               "ppl_ratio": r"Mean PPL\(Q\)/PPL\(base\)\s*:\s*([\d.]+)", "mean_kld": r"Mean\s+KLD:\s*([\d.]+)",
+               "kld_p99": r"99\.0%\s+KLD:\s*([\d.]+)", "same_top_p": r"Same top p:\s*([\d.]+)"}
+
+
+def perplexity(model, text_file=None, *, n_ctx: int = 512, threads: int | None = None,
+               save_kl_base=None, kl_base=None) -> dict:
+    """``llama-perplexity``: perplexity over non-overlapping ``n_ctx`` chunks, each scoring its
+    second half. With ``save_kl_base`` it also stores the model's logits (the reference); with
+    ``kl_base`` it compares against stored ones (``--kl-divergence``: the text comes from that
+    file). Returns the figures it prints: ppl, and with kl_base ppl_q, ppl_ratio, mean_kld, kld_p99,
+    same_top_p (%)."""
+    from .hardware import usable_cores
+    args = ["-m", model, "-c", n_ctx, "-t", threads or usable_cores()]
+    if kl_base:
+        args += ["--kl-divergence-base", kl_base, "--kl-divergence"]
+    else:
+        args += ["-f", text_file] + (["--kl-divergence-base", save_kl_base] if save_kl_base else [])
+    text = run("llama-perplexity", *args)
+    found = {k: float(m.group(1)) for k, pat in _PPL_FIELDS.items() if (m := re.search(pat, text))}
+    if not found:
+        raise RuntimeError(f"llama-perplexity printed no figures:\n{text[-2000:]}")
+    return found

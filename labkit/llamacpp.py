@@ -565,7 +565,9 @@ def llama_server_command(model_path, *, n_ctx: int = 2048, port: int = 8080, hos
 
     Flags as of current llama.cpp: ``-ngl`` counts layers of *this* model, ``-fa`` takes
     ``on|off|auto``, ``--api-key`` enables bearer-token auth. The port is always explicit.
+    ``--no-repack`` is added on CPUs where :mod:`labkit.repack` turns weight repacking off.
     """
+    from . import repack
     if flash_attn not in (None, "on", "off", "auto"):
         raise ValueError("llama-server's -fa takes on, off or auto")
     parts = ["llama-server", "-m", str(model_path), "--host", host, "--port", str(port), "-c", str(n_ctx)]
@@ -575,6 +577,7 @@ def llama_server_command(model_path, *, n_ctx: int = 2048, port: int = 8080, hos
         parts += ["-ngl", str(n_gpu_layers)]
     if flash_attn:
         parts += ["-fa", flash_attn]
+    parts += repack.llama_server_args()
     if api_key_env:
         parts += ["--api-key", f'"${api_key_env}"']
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key_env:

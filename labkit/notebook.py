@@ -5,7 +5,9 @@
   (``LABKIT_REQUIRE_GPU=1``) a missing GPU is an error instead, so a GPU run cannot pass by
   skipping everything.
 * ``%%needs vllm`` runs a cell only where vLLM is installed and otherwise skips it with one line
-  (an error under CI or ``LABKIT_REQUIRE_VLLM=1``), so chapters run on Binder without vLLM.
+  (an error under CI or ``LABKIT_REQUIRE_VLLM=1``), so chapters run on Binder without vLLM;
+  ``%%needs llama-server`` does the same for llama.cpp's own programs (``make setup`` builds
+  them; ``LABKIT_REQUIRE_LLAMA_SERVER=1``).
 * :class:`Chapter` times the whole notebook and prints its wall time against its budget.
 * :func:`progress` puts a progress bar on labkit's slow loops (ladder, scoring, sweeps, indexing).
 """
@@ -78,6 +80,27 @@ def vllm_required() -> bool:
     return any(os.environ.get(v, "") not in ("", "0", "false") for v in ("CI", "LABKIT_REQUIRE_VLLM"))
 
 
+def llama_server_required() -> bool:
+    """CI and ``LABKIT_REQUIRE_LLAMA_SERVER=1`` turn missing llama.cpp programs into an error."""
+    return any(os.environ.get(v, "") not in ("", "0", "false") for v in ("CI", "LABKIT_REQUIRE_LLAMA_SERVER"))
+
+
+def run_llama_server_cell(source: str, namespace: dict) -> bool:
+    """Execute ``source`` if llama.cpp's programs are built (``make setup``); otherwise skip it with
+    the reason. Return whether the cell ran."""
+    from .errors import EngineNotInstalledError
+    from .llama_tools import program
+    try:
+        program("llama-server")
+    except EngineNotInstalledError as exc:
+        if llama_server_required():
+            raise
+        print(f"Skipped: this cell needs llama.cpp's programs. {exc}")
+        return False
+    _exec_cell(source, namespace, "<llama-server cell>")
+    return True
+
+
 def run_vllm_cell(source: str, namespace: dict) -> bool:
     """Execute ``source`` if vLLM is installed (``.venv-vllm``); otherwise say so and skip it.
 
@@ -101,10 +124,12 @@ def register_magics(ipython) -> None:
     def gpu(line, cell):
         run_gpu_cell(cell, ipython.user_ns)
 
+    runners = {"vllm": run_vllm_cell, "llama-server": run_llama_server_cell}
+
     def needs(line, cell):
-        if line.strip() != "vllm":
-            raise ValueError(f"%%needs knows one engine, vllm; got {line.strip()!r}")
-        run_vllm_cell(cell, ipython.user_ns)
+        if line.strip() not in runners:
+            raise ValueError(f"%%needs knows {' and '.join(runners)}; got {line.strip()!r}")
+        runners[line.strip()](cell, ipython.user_ns)
 
     ipython.register_magic_function(gpu, magic_kind="cell", magic_name="gpu")
     ipython.register_magic_function(needs, magic_kind="cell", magic_name="needs")

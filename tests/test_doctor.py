@@ -68,3 +68,31 @@ def test_cli_json_and_exit_code():
     data = json.loads(r.stdout)
     assert r.returncode == 1 and data["passed"] is False
     assert any(not c["ok"] and c["name"].startswith("memory for") for c in data["checks"])
+
+
+def test_repack_check_reads_the_choice_in_force(monkeypatch):
+    import llama_cpp
+    from labkit import repack
+    decision = repack.decide()
+    good = doctor.repack_check()
+    assert good.ok and str(decision) in good.detail and "llama.cpp AMX kernels" in good.detail
+    real = llama_cpp.llama_model_default_params
+
+    def not_applied():          # as in a process that created its Llama before importing labkit
+        params = real()
+        params.use_extra_bufts = not decision.enabled
+        return params
+    monkeypatch.setattr(llama_cpp, "llama_model_default_params", not_applied)
+    bad = doctor.repack_check()
+    assert not bad.ok and "import labkit" in bad.fix
+
+
+def test_llama_programs_check_reports_skew(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    server = tmp_path / "bin" / "llama-server"
+    server.write_text("#!/bin/sh\necho 'version: 1 (abc1234)' >&2\n")
+    server.chmod(0o755)
+    (tmp_path / "LLAMA_CPP_PYTHON_VERSION").write_text("0.0.1\n")
+    monkeypatch.setenv("LABKIT_LLAMA_CPP", str(tmp_path))
+    c = doctor.llama_programs_check()
+    assert not c.ok and not c.required and "0.0.1" in c.detail and "version: 1 (abc1234)" in c.detail

@@ -41,3 +41,12 @@ def test_broken_nvidia_smi_means_no_gpu(tmp_path, monkeypatch):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     assert hardware.nvidia_gpus() == []
+
+
+def test_usable_cores_without_affinity_as_on_macos(monkeypatch):
+    import os
+    from labkit import hardware
+    assert hardware.usable_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 10)
+    assert hardware.usable_cores() == 10

@@ -66,3 +66,22 @@ def test_llama_server_serves_batches_and_stops(smollm2_path):
         assert all(r["tokens"] > 0 for r in run["requests"]) and run["switches"] > 3, run
         family = [srv.pid] + [c.pid for c in psutil.Process(srv.pid).children(recursive=True)]
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in family)
+
+
+def test_llama_server_cell_runs_skips_or_demands(monkeypatch, tmp_path, capsys):
+    from labkit import notebook
+    if BUILT:
+        ns = {}
+        assert notebook.run_llama_server_cell("x = 1", ns) is True and ns["x"] == 1
+    # a machine without the programs (Binder, Colab): skipped with the reason, unless CI demands them
+    monkeypatch.setenv("LABKIT_LLAMA_CPP", str(tmp_path))
+    monkeypatch.setattr(llama_tools, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    for var in ("CI", "LABKIT_REQUIRE_LLAMA_SERVER"):
+        monkeypatch.delenv(var, raising=False)
+    ns = {}
+    assert notebook.run_llama_server_cell("x = 1", ns) is False and "x" not in ns
+    assert "Skipped: this cell needs llama.cpp's programs" in capsys.readouterr().out
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(EngineNotInstalledError, match="make setup"):
+        notebook.run_llama_server_cell("x = 1", ns)

@@ -99,6 +99,8 @@ def test_llama_server_command():
     cmd = lc.llama_server_command("m.gguf", n_ctx=4096, port=8081, n_gpu_layers=30, flash_attn="on")
     assert cmd.startswith("llama-server -m m.gguf --host 127.0.0.1 --port 8081 -c 4096")
     assert "-ngl 30" in cmd and "-fa on" in cmd and '--api-key "$LLAMA_API_KEY"' in cmd
+    from labkit import repack
+    assert ("--no-repack" in cmd) == (not repack.decide().enabled)     # the command a learner copies is safe here
     with pytest.raises(ValueError):
         lc.llama_server_command("m.gguf", flash_attn="1")
     with pytest.raises(ValueError, match="without an API key"):
