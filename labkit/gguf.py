@@ -7,6 +7,11 @@ tensor descriptions, then (aligned) tensor data. The spec is ggml's ``docs/gguf.
 table promises actually lies inside the file, so a truncated download is caught here, with a
 clear message, before llama.cpp ever touches the file.
 
+Large models are often published **split** (``name-00001-of-00003.gguf``, written by
+``llama-gguf-split``): given any part, :func:`read_header` reads and checks every part and
+returns one header for the whole model (the first part holds the metadata; each part its own
+tensors). :func:`split_parts` lists the parts and names any that are missing.
+
 >>> import io, struct
 >>> read_header(io.BytesIO(b"NOPE" + bytes(20)))
 Traceback (most recent call last):
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +51,9 @@ class TensorInfo:
     shape: tuple[int, ...]   # ggml order: shape[0] is the contiguous (row) dimension
     type_name: str           # e.g. "Q4_1", "F32"
     type_id: int
-    offset: int              # relative to GGUFHeader.data_offset
+    offset: int              # relative to the data offset of the file (part) that holds it
     n_bytes: int
+    part: int = 0            # which file of a split model holds it (0 for a single file)
 
     @property
     def n_elements(self) -> int:
@@ -67,6 +74,7 @@ class GGUFHeader:
     file_size: int
     alignment: int = DEFAULT_ALIGNMENT
     metadata_types: dict[str, int] = field(default_factory=dict, repr=False)
+    parts: list[str] = field(default_factory=list)    # every file of a split model, in order ([] if one file)
 
     @property
     def architecture(self) -> str | None:
@@ -142,18 +150,71 @@ def _ggml_type(type_id: int, label: str) -> tuple[str, int, int]:
     return qtype.name, block, size
 
 
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_parts(path: str | os.PathLike) -> list[Path]:
+    """Every file of a split GGUF (``prefix-00001-of-00003.gguf``) given any one of them, in order;
+    ``[path]`` for an ordinary file. A missing part raises :class:`CorruptModelError` naming it.
+
+    >>> split_parts("model.gguf")
+    [PosixPath('model.gguf')]
+    """
+    path = Path(path)
+    m = _SPLIT_NAME.match(path.name)
+    if not m:
+        return [path]
+    count = int(m["count"])
+    parts = [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise CorruptModelError(
+            f"{path.name} is one of {count} parts of a split model, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing from {path.parent}. Download every part "
+            f"(hf download REPO --include \"{m['prefix']}-*.gguf\"); engines load the set from part 1.")
+    return parts
+
+
 def read_header(source: str | os.PathLike | BinaryIO) -> GGUFHeader:
-    """Parse a GGUF file's metadata and tensor table and check the file holds all tensor data."""
+    """Parse a GGUF file's metadata and tensor table and check the file holds all tensor data;
+    for a split model, every part (see :func:`split_parts`)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise CorruptModelError(f"{path} does not exist or is not a file.")
+        parts = split_parts(path)
+        if len(parts) > 1:
+            return _read_split(parts)
         with open(path, "rb") as f:
             return _parse(f, str(path), path.stat().st_size)
     f = source
     size = f.seek(0, io.SEEK_END)
     f.seek(0)
     return _parse(f, getattr(f, "name", "<stream>") if isinstance(getattr(f, "name", None), str) else "<stream>", size)
+
+
+def _read_split(parts: list[Path]) -> GGUFHeader:
+    """One header for a split model, after checking each part says where it belongs."""
+    headers = []
+    for i, part in enumerate(parts):
+        with open(part, "rb") as f:
+            h = _parse(f, str(part), part.stat().st_size)
+        no, count = h.metadata.get("split.no"), h.metadata.get("split.count")
+        if no != i or count != len(parts):
+            raise CorruptModelError(
+                f"{part.name} says it is part {no if no is None else no + 1} of {count}, but its name makes it part "
+                f"{i + 1} of {len(parts)}: the parts come from different splits or were renamed. Download the set again.")
+        headers.append(h)
+    first = headers[0]
+    tensors = [TensorInfo(t.name, t.shape, t.type_name, t.type_id, t.offset, t.n_bytes, i)
+               for i, h in enumerate(headers) for t in h.tensors]
+    expected = first.metadata.get("split.tensors.count", len(tensors))
+    if len(tensors) != expected:
+        raise CorruptModelError(f"the {len(parts)} parts of {parts[0].name} hold {len(tensors)} tensors, but the model "
+                                f"has {expected}: a part is from another split. Download the set again.")
+    return GGUFHeader(str(parts[0]), first.version, first.metadata, tensors, first.data_offset,
+                      sum(h.file_size for h in headers), first.alignment, first.metadata_types,
+                      [str(p) for p in parts])
 
 
 def _parse(f: BinaryIO, label: str, size: int) -> GGUFHeader:
@@ -312,7 +373,14 @@ def to_float(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f16")
     dtype = dtype.lower()
     if dtype not in ("f16", "f32"):
         raise ValueError(f"dtype must be 'f16' or 'f32', got {dtype!r}")
-    read_header(src)                       # clear errors for a bad file before the gguf package sees it
+    header = read_header(src)              # clear errors for a bad file before the gguf package sees it
+    if header.parts:
+        raise ValueError(f"{src} is a split model: merge it first (llama-gguf-split --merge {header.parts[0]} OUT.gguf)")
+    # every dequantized tensor is held in memory until the file is written
+    from .hardware import ensure_free_memory
+    out_bytes = header.n_parameters * (2 if dtype == "f16" else 4)
+    ensure_free_memory(out_bytes, f"Dequantizing {Path(src).name} to {dtype.upper()} ({header.n_parameters / 1e9:.2f}B parameters)",
+                       "Quantize from the original F16/BF16 weights instead, use a smaller model, or free memory.")
     reader = GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()
     dst = Path(dst)

@@ -195,6 +195,21 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def ensure_free_memory(need_bytes: float, what: str, fix: str, *, headroom: float = 0.9) -> None:
+    """Refuse, before starting, a step that needs more RAM than is free (with the numbers and ``fix``).
+
+    Used before expensive steps (dequantizing a model to F16/F32, loading it in float32), so a
+    big model fails in a second with a reason instead of swapping or being killed minutes later.
+    """
+    from .errors import InsufficientMemoryError
+    _, available_gib = _memory()
+    budget = headroom * available_gib * 2**30
+    if need_bytes > budget:
+        raise InsufficientMemoryError(
+            f"{what} needs about {need_bytes / 2**30:.1f} GiB of RAM, but only {available_gib:.1f} GiB is free "
+            f"(planning with {headroom:.0%} of it). {fix}")
+
+
 def probe() -> Hardware:
     """Read this machine's hardware and installed engines."""
     import psutil

@@ -149,7 +149,9 @@ def get(name_or_path: str | os.PathLike | None = None, *, verify: bool = True) -
                 "Point to the folder that holds config.json and the *.safetensors files, or to a .gguf file.")
         return path.resolve()
     if verify:
-        read_header(path)  # raises CorruptModelError with a clear message
+        header = read_header(path)  # raises CorruptModelError with a clear message; checks every part of a split
+        if header.parts:            # engines load a split model from its first part
+            return Path(header.parts[0]).resolve()
     return path.resolve()
 
 
@@ -191,6 +193,17 @@ def hf_folder(name_or_path: str | os.PathLike | None = None, *, dtype: str = "bf
     target = cache_dir() / "hf" / f"{path.stem}-{digest}-{dtype}"
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
+    # transformers dequantizes the whole model into memory, in dtype, before saving it
+    from .hardware import ensure_free_memory
+    header = read_header(path)
+    if header.parts:
+        raise ModelNotFoundError(f"{path.name} is part 1 of a split GGUF, which transformers cannot read: merge the parts "
+                                 f"first (llama-gguf-split --merge {path} merged.gguf), or use the publisher's HF folder.")
+    n_params = header.n_parameters
+    ensure_free_memory(n_params * (4 if dtype == "float32" else 2) * 1.5,
+                       f"Converting {path.name} to an HF {dtype} folder ({n_params / 1e9:.2f}B parameters)",
+                       "Use dtype='bfloat16' (half the memory), a smaller model, or free memory; for vLLM on a GPU, "
+                       "serve the publisher's HF folder (or an AWQ/GPTQ one) instead of converting a GGUF.")
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -33,6 +33,7 @@ import atexit
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -328,6 +329,8 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
     name = name or (model_key if model_key in models.BUNDLED else model_path.stem)
     if engine == "ollama":
         name = ollama_names.get(name, name)
+        # Ollama names allow letters, digits, '.', '_', '-': a file called "スモール LM.gguf" is served as "lm"
+        name = ":".join(re.sub(r"[^A-Za-z0-9._-]+", "-", part).strip("-._").lower() or "model" for part in name.split(":", 1))
         if ":" not in name:
             name += ":latest"
     if engine in ("llama.cpp", "llama-server") and model_path.is_file() and str(options.get("n_ctx", 2048)).isdigit():
