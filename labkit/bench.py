@@ -322,22 +322,23 @@ def harness_overhead(n_tokens: int = 256, per_token_s: float = 0.005, repeats: i
 
 
 # ----------------------------------------------------------------------------- llama-bench
-def llama_bench(model_path, *, n_prompt: int = 0, n_gen: int = 64, threads: int | None = None, repetitions: int = 3,
-                extra: Sequence[str] = (), timeout: float = 600) -> list[dict]:
+def llama_bench(model_path, *, n_prompt: int = 0, n_gen: int = 64, threads: int | Sequence[int] | None = None,
+                repetitions: int = 3, extra: Sequence[str] = (), timeout: float = 600) -> list[dict]:
     """Run llama.cpp's own ``llama-bench`` (built by ``make setup``) and return its JSON rows.
 
     Each row has ``n_prompt``/``n_gen``/``n_threads`` and ``avg_ts``/``stddev_ts`` (tokens/s,
     mean over ``repetitions`` after llama-bench's own warm-up). ``n_prompt`` alone measures
     prefill (a ``ppN`` test), ``n_gen`` alone decode from an empty context (``tgN``). This
-    machine's repacking rule (:mod:`labkit.repack`) is applied; ``extra`` adds raw flags, e.g.
-    ``["-b", "16,256", "-fa", "0,1"]`` for a grid, each comma list one axis.
+    machine's repacking rule (:mod:`labkit.repack`) is applied; ``threads`` may be a list, and
+    ``extra`` adds raw flags, e.g. ``["-b", "16,256", "-fa", "0,1"]``: every combination is run.
     """
     import subprocess
 
     from . import llama_tools, repack
     from .hardware import usable_cores
     argv = [str(llama_tools.program("llama-bench")), "-m", str(model_path), "-p", str(n_prompt), "-n", str(n_gen),
-            "-t", str(threads or usable_cores()), "-r", str(repetitions), "-o", "json",
+            "-t", ",".join(map(str, threads)) if isinstance(threads, Sequence) else str(threads or usable_cores()),
+            "-r", str(repetitions), "-o", "json",
             *repack.llama_bench_args(), *extra]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if out.returncode != 0:

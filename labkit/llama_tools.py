@@ -149,14 +149,15 @@ _PPL_FIELDS = {"ppl": r"Final estimate: PPL = ([\d.]+)", "ppl_q": r"Mean PPL\(Q\
 
 
 def perplexity(model, text_file=None, *, n_ctx: int = 512, threads: int | None = None,
-               save_kl_base=None, kl_base=None) -> dict:
+               save_kl_base=None, kl_base=None, flash_attn: str | None = None) -> dict:
     """``llama-perplexity``: perplexity over non-overlapping ``n_ctx`` chunks, each scoring its
     second half. With ``save_kl_base`` it also stores the model's logits (the reference); with
     ``kl_base`` it compares against stored ones (``--kl-divergence``: the text comes from that
     file). Returns the figures it prints: ppl, and with kl_base ppl_q, ppl_ratio, mean_kld, kld_p99,
-    same_top_p (%)."""
+    same_top_p (%). ``flash_attn`` (``on|off|auto``, llama.cpp's default auto) changes the order of
+    the attention arithmetic, and with it the last digits of every logit."""
     from .hardware import usable_cores
-    args = ["-m", model, "-c", n_ctx, "-t", threads or usable_cores()]
+    args = ["-m", model, "-c", n_ctx, "-t", threads or usable_cores()] + (["-fa", flash_attn] if flash_attn else [])
     if kl_base:
         args += ["--kl-divergence-base", kl_base, "--kl-divergence"]
     else:
