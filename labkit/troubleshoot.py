@@ -305,3 +305,39 @@ def system_info() -> str:
     """llama.cpp's own summary of its build (CPU features compiled in, backends) — paste it in bug reports."""
     import llama_cpp
     return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+
+
+# ----------------------------------------------------------------------------- clients that go away
+def abandoned_request(server, *, stream: bool, max_tokens: int = 1500, give_up_after_s: float = 0.5) -> float:
+    """Seconds a follow-up request waited after a client abandoned a long chat completion.
+
+    The abandoned request asks for ``max_tokens`` tokens with hot sampling (so it would really run
+    long) and is dropped after its first streamed line, or ``give_up_after_s`` into a non-streamed
+    answer — what an interrupted notebook cell or a client timeout does. A server that cancels
+    generation when its client leaves answers the follow-up at once; one that does not makes it
+    wait for the abandoned answer to finish.
+    """
+    import http.client
+    import json
+    import time
+    import urllib.parse
+    import urllib.request
+    url = urllib.parse.urlparse(server.base_url)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {server.api_key}"} if server.api_key else {})}
+    body = {"model": server.model, "max_tokens": max_tokens, "temperature": 2.0, "top_p": 1.0, "seed": 7, "stream": stream,
+            "messages": [{"role": "user", "content": "Tell me a long story about the sea."}]}
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
+    if stream:
+        conn.getresponse().readline()
+    else:
+        time.sleep(give_up_after_s)
+    conn.sock.shutdown(2)
+    conn.close()
+    follow_up = {"model": server.model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    t0 = time.monotonic()
+    req = urllib.request.Request(server.base_url + "/v1/chat/completions", data=json.dumps(follow_up).encode(),
+                                 headers=headers, method="POST")
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        resp.read()
+    return time.monotonic() - t0
