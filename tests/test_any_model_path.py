@@ -44,7 +44,7 @@ def test_split_model_reads_as_one_model(split_model, smollm2_path):
 @needs_split_tool
 def test_split_model_runs_in_the_engines(split_model, smollm2_path):
     from llama_cpp import Llama
-    kw = dict(n_ctx=256, n_threads=2, verbose=False)
+    kw = {"n_ctx": 256, "n_threads": 2, "verbose": False}
     prompt = "The capital of France is"
     whole = Llama(model_path=str(smollm2_path), **kw).create_completion(prompt, max_tokens=8, temperature=0)
     split = Llama(model_path=str(models.get(split_model[1])), **kw).create_completion(prompt, max_tokens=8, temperature=0)

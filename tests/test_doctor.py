@@ -72,6 +72,7 @@ def test_cli_json_and_exit_code():
 
 def test_repack_check_reads_the_choice_in_force(monkeypatch):
     import llama_cpp
+
     from labkit import repack
     decision = repack.decide()
     good = doctor.repack_check()

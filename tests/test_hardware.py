@@ -45,6 +45,7 @@ def test_broken_nvidia_smi_means_no_gpu(tmp_path, monkeypatch):
 
 def test_usable_cores_without_affinity_as_on_macos(monkeypatch):
     import os
+
     from labkit import hardware
     assert hardware.usable_cores() == len(os.sched_getaffinity(0))
     monkeypatch.delattr(os, "sched_getaffinity")
