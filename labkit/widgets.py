@@ -71,7 +71,10 @@ def quant_explorer(gguf_path, tensor: str = "blk.0.ffn_down.weight", qtype: str 
     The tensor is decoded from the file with :func:`labkit.quant.dequantize` and re-quantized with
     :func:`labkit.quant.quantize` (bit-exact with llama.cpp). A K-quant on rows that are not a
     multiple of 256 is refused with the reason, as llama.cpp falls back to a legacy type there.
-    ``.controls``, ``.result`` (HTML) and ``.plot`` (Output with the error histogram) are exposed.
+    ``.controls``, ``.result`` (HTML) and ``.plot`` (an Image of the error histogram) are exposed.
+    The histogram is rendered to PNG bytes, not through an ``Output`` widget: headless executors
+    (papermill/nbclient) track Output widgets' captured messages, and that tracking was seen to
+    stall a run for the whole cell timeout.
     """
     import ipywidgets as w
     import numpy as np
@@ -86,7 +89,7 @@ def quant_explorer(gguf_path, tensor: str = "blk.0.ffn_down.weight", qtype: str 
     formats = [q for q in quant.QUANTIZE_TYPES if q.startswith("Q")]   # the block formats labkit.quant writes
     controls = {"tensor": w.Dropdown(options=list(tensors), value=tensor, description="tensor"),
                 "qtype": w.Dropdown(options=formats, value=qtype if qtype in formats else formats[0], description="format")}
-    result, plot = w.HTML(), w.Output()
+    result, plot = w.HTML(), w.Image(format="png")
     result.add_class("labkit-quant-explorer-result")
     decoded: dict[str, np.ndarray] = {}
 
@@ -101,7 +104,6 @@ def quant_explorer(gguf_path, tensor: str = "blk.0.ffn_down.weight", qtype: str 
         name, qt = controls["tensor"].value, controls["qtype"].value
         W = weights(name)
         stored = tensors[name].tensor_type.name
-        plot.clear_output()
         block = quant.layout(qt).block_size
         if W.shape[-1] % block:
             result.value = (f"<b>{html.escape(qt)} cannot store {html.escape(name)}</b>: its rows hold {W.shape[-1]} "
@@ -112,13 +114,7 @@ def quant_explorer(gguf_path, tensor: str = "blk.0.ffn_down.weight", qtype: str 
         result.value = (f"{html.escape(name)} {W.shape[0]}×{W.shape[1]} (stored as {stored}) → <b>{html.escape(qt)}</b>: "
                         f"{quant.n_bytes(W.shape, qt) / 2**20:.2f} MiB, {quant.bits_per_weight(qt):g} bits/weight, "
                         f"RMSE {s['rmse']:.2e}, max error {s['max_abs_error']:.2e}, SNR {s['snr_db']:.1f} dB")
-        with plot:
-            import matplotlib.pyplot as plt
-            fig, ax = plt.subplots(figsize=(6, 2.4))
-            ax.hist((W_hat - W).ravel(), bins=120, color="indianred")
-            ax.set_yscale("log"); ax.set_xlabel("reconstruction error (weight units)"); ax.set_ylabel("count (log)")
-            ax.set_title(f"{name} as {qt}")
-            plt.tight_layout(); plt.show()
+        plot.value = _histogram_png((W_hat - W).ravel(), f"{name} as {qt}")
 
     for control in controls.values():
         control.observe(update, names="value")
@@ -126,6 +122,24 @@ def quant_explorer(gguf_path, tensor: str = "blk.0.ffn_down.weight", qtype: str 
     box = w.VBox([w.HBox(list(controls.values())), result, plot])
     box.controls, box.result, box.plot = controls, result, plot
     return box
+
+
+def _histogram_png(values, title: str) -> bytes:
+    """A log-count histogram as PNG bytes (matplotlib's Agg canvas: no display, no pyplot state)."""
+    import io
+
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 2.4))
+    ax = fig.add_subplot()
+    ax.hist(values, bins=120, color="indianred")
+    ax.set_yscale("log")
+    ax.set_xlabel("reconstruction error (weight units)")
+    ax.set_ylabel("count (log)")
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def chat_box(engine, *, model: str | None = None, system: str | None = None, max_tokens: int = 128,

@@ -39,8 +39,10 @@ def test_quant_explorer_measures_the_chosen_tensor_and_refuses_misfit_k_quants()
     W = quant.dequantize(np.asarray(t.data).tobytes(), t.tensor_type.name, (576, 1536))
     rmse = quant.error_stats(W, quant.roundtrip(W, "Q4_K"))["rmse"]
     assert f"RMSE {rmse:.2e}" in box.result.value and "4.5 bits/weight" in box.result.value
+    q4k_plot = bytes(box.plot.value)
+    assert q4k_plot.startswith(b"\x89PNG")                      # the error histogram, rendered
     box.controls["qtype"].value = "Q8_0"
-    assert "8.5 bits/weight" in box.result.value
+    assert "8.5 bits/weight" in box.result.value and bytes(box.plot.value) != q4k_plot
     box.controls["tensor"].value = "blk.0.attn_q.weight"      # rows of 576
     box.controls["qtype"].value = "Q6_K"
     assert "cannot store" in box.result.value and "576" in box.result.value
