@@ -85,20 +85,27 @@ def llama_server_required() -> bool:
     return any(os.environ.get(v, "") not in ("", "0", "false") for v in ("CI", "LABKIT_REQUIRE_LLAMA_SERVER"))
 
 
+def _run_if_installed(source: str, namespace: dict, find, required: bool, what: str) -> bool:
+    """Execute ``source`` if ``find()`` locates the engine; else skip it with the reason (an error
+    when ``required``). Return whether the cell ran."""
+    from .errors import EngineNotInstalledError
+    try:
+        find()
+    except EngineNotInstalledError as exc:
+        if required:
+            raise
+        print(f"Skipped: this cell needs {what}. {exc}")
+        return False
+    _exec_cell(source, namespace, f"<{what} cell>")
+    return True
+
+
 def run_llama_server_cell(source: str, namespace: dict) -> bool:
     """Execute ``source`` if llama.cpp's programs are built (``make setup``); otherwise skip it with
     the reason. Return whether the cell ran."""
-    from .errors import EngineNotInstalledError
     from .llama_tools import program
-    try:
-        program("llama-server")
-    except EngineNotInstalledError as exc:
-        if llama_server_required():
-            raise
-        print(f"Skipped: this cell needs llama.cpp's programs. {exc}")
-        return False
-    _exec_cell(source, namespace, "<llama-server cell>")
-    return True
+    return _run_if_installed(source, namespace, lambda: program("llama-server"), llama_server_required(),
+                             "llama.cpp's programs")
 
 
 def run_vllm_cell(source: str, namespace: dict) -> bool:
@@ -107,17 +114,8 @@ def run_vllm_cell(source: str, namespace: dict) -> bool:
     For places that cannot hold vLLM's environment (Binder's 2 GB, a CPU-only Colab runtime):
     the rest of the chapter still runs. Return whether the cell ran.
     """
-    from .errors import EngineNotInstalledError
     from .servers import vllm_python
-    try:
-        vllm_python()
-    except EngineNotInstalledError as exc:
-        if vllm_required():
-            raise
-        print(f"Skipped: this cell needs vLLM. {exc}")
-        return False
-    _exec_cell(source, namespace, "<vllm cell>")
-    return True
+    return _run_if_installed(source, namespace, vllm_python, vllm_required(), "vLLM")
 
 
 def register_magics(ipython) -> None:
