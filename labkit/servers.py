@@ -247,7 +247,7 @@ def _command(engine: str, model_path: Path, name: str, host: str, port: int,
         argv = [sys.executable, "-m", "labkit.repack", "llama_cpp.server", "--model", str(model_path),
                 "--model_alias", name, "--host", host, "--port", str(port)]
         if api_key:
-            argv += ["--api_key", api_key]
+            argv.append(f"--api_key={api_key}")     # "=": argparse would read a key starting with "-" as a flag
         return argv + _flags(opts, dash=False), {}, "/v1/models"
     if engine == "llama-server":
         from . import llama_tools, repack
@@ -277,7 +277,7 @@ def _command(engine: str, model_path: Path, name: str, host: str, port: int,
             argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
         argv += ["--served-model-name", name, "--host", host, "--port", str(port)]
         if api_key:
-            argv += ["--api-key", api_key]
+            argv.append(f"--api-key={api_key}")     # "=": argparse would read a key starting with "-" as a flag
         # INFO logging: labkit reads the KV-cache capacity from the start-up log (a notebook may
         # have lowered the level for its in-process engine).
         env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "VLLM_LOGGING_LEVEL": "INFO"}

@@ -51,7 +51,7 @@ def test_programs_come_from_the_bindings_source():
 
 @needs_programs
 def test_llama_server_serves_batches_and_stops(smollm2_path):
-    with labkit.serve("llama-server", smollm2_path, parallel=4, api_key="sekret") as srv:
+    with labkit.serve("llama-server", smollm2_path, parallel=4, api_key="-sekret-with-a-leading-dash") as srv:
         assert srv.host == "127.0.0.1" and srv.command[0].endswith("llama-server")
         assert ("--no-repack" in srv.command) == (not repack.decide().enabled)
         with pytest.raises(urllib.error.HTTPError) as denied:

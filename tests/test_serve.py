@@ -101,8 +101,9 @@ def test_failing_start_raises_with_the_log_tail():
     assert not running()
 
 
-def test_api_key_is_enforced():
-    with labkit.serve("llama.cpp", api_key="s3cret") as srv:
+@pytest.mark.parametrize("key", ["s3cret", "-Kx9_starts-with-a-dash"])   # secrets.token_urlsafe() can start with "-"
+def test_api_key_is_enforced(key):
+    with labkit.serve("llama.cpp", api_key=key) as srv:
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(srv.base_url + "/v1/models", timeout=10)
         assert info.value.code == 401
