@@ -29,6 +29,7 @@ import platform
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -186,13 +187,22 @@ async def _one_openai(client, model: str, prompt: str, max_tokens: int, extra: d
 
 
 async def _run_openai_async(base_url, api_key, model, prompt, max_tokens, concurrency, requests, extra):
-    from openai import AsyncOpenAI
+    from openai import APIConnectionError, APITimeoutError, AsyncOpenAI
     async with AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=600) as client:
         sem = asyncio.Semaphore(concurrency)
 
         async def guarded(i):
             async with sem:
-                return await _one_openai(client, model, prompt, max_tokens, extra)
+                try:
+                    return await _one_openai(client, model, prompt, max_tokens, extra)
+                except APIConnectionError as exc:
+                    if isinstance(exc, APITimeoutError):
+                        raise
+                    # A pooled keep-alive connection the server closed as we reused it fails before any
+                    # token; the OpenAI SDK retries that by default (we turned its retries off so HTTP errors
+                    # stay visible). Retry once, and say so: a second failure is a real fault.
+                    warnings.warn(f"request {i}: connection failed before any token ({exc!r}); retried once", stacklevel=1)
+                    return await _one_openai(client, model, prompt, max_tokens, extra)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(guarded(i) for i in range(requests)))
         return list(results), time.perf_counter() - t0
@@ -344,6 +354,36 @@ def llama_bench(model_path, *, n_prompt: int = 0, n_gen: int = 64, threads: int 
     if out.returncode != 0:
         raise RuntimeError(f"llama-bench failed (exit {out.returncode}): {' '.join(argv)}\n{out.stderr[-2000:]}")
     return json.loads(out.stdout)
+
+
+def combined_throughput(pp_tps: float, tg_tps: float, n_prompt: int, n_gen: int) -> float:
+    """Tokens/s of one request that prefills ``n_prompt`` tokens then generates ``n_gen`` (chapter 06).
+
+    The two phases run one after the other, so their *times* add, not their rates:
+    (n_prompt + n_gen) / (n_prompt/pp + n_gen/tg).
+
+    >>> round(combined_throughput(1000.0, 100.0, 256, 32), 1)    # 0.256 s + 0.32 s for 288 tokens
+    500.0
+    """
+    if pp_tps <= 0 or tg_tps <= 0:
+        raise ValueError(f"rates must be positive, got pp={pp_tps}, tg={tg_tps}")
+    return (n_prompt + n_gen) / (n_prompt / pp_tps + n_gen / tg_tps)
+
+
+def llama_bench_scores(rows: list[dict], n_prompt: int, n_gen: int) -> dict[tuple, float]:
+    """Score each configuration of a :func:`llama_bench` grid as :func:`combined_throughput` (chapter 06).
+
+    llama-bench reports a ppN row and a tgN row per configuration; they are paired on
+    (n_threads, n_batch, flash_attn) and combined. A configuration missing either row is an error.
+    """
+    rates: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["n_threads"], r["n_batch"], bool(r["flash_attn"]))
+        rates.setdefault(key, {})["pp" if r["n_prompt"] else "tg"] = r["avg_ts"]
+    missing = [k for k, v in rates.items() if set(v) != {"pp", "tg"}]
+    if missing:
+        raise ValueError(f"llama-bench rows lack a prefill or a decode test for {missing}; run it with both -p and -n")
+    return {k: combined_throughput(v["pp"], v["tg"], n_prompt, n_gen) for k, v in rates.items()}
 
 
 # ----------------------------------------------------------------------------- physics

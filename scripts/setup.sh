@@ -107,10 +107,13 @@ for env in .venv .venv-vllm; do
     run_logged "$LOGS/labkit-install.log" "$env/bin/pip" install --no-deps -e .
   fi
 done
-kernels=$(.venv/bin/jupyter kernelspec list 2>/dev/null || true)
-if ! grep -q "^ *labkit " <<<"$kernels" || ! grep -q "$(readlink .venv-vllm)" .venv/share/jupyter/kernels/labkit-vllm/kernel.json 2>/dev/null; then
-  run_logged "$LOGS/kernels.log" .venv/bin/python -m ipykernel install --prefix "$REPO/.venv" --name labkit --display-name "Python (labkit)"
-  run_logged "$LOGS/kernels.log" .venv-vllm/bin/python -m ipykernel install --prefix "$REPO/.venv" --name labkit-vllm --display-name "Python (labkit + vLLM)"
+# Kernels live in the shared environment and name its interpreter by its real path, not through this
+# clone's .venv link: a kernel written by another clone (since deleted) would otherwise start nothing.
+main_env=$(readlink -f .venv); vllm_env=$(readlink -f .venv-vllm)
+if ! grep -q "\"$main_env/bin/python\"" "$main_env/share/jupyter/kernels/labkit/kernel.json" 2>/dev/null \
+   || ! grep -q "\"$vllm_env/bin/python\"" "$main_env/share/jupyter/kernels/labkit-vllm/kernel.json" 2>/dev/null; then
+  run_logged "$LOGS/kernels.log" "$main_env/bin/python" -m ipykernel install --prefix "$main_env" --name labkit --display-name "Python (labkit)"
+  run_logged "$LOGS/kernels.log" "$vllm_env/bin/python" -m ipykernel install --prefix "$main_env" --name labkit-vllm --display-name "Python (labkit + vLLM)"
 fi
 # The browser test drives Debian's chromium (Playwright's own browser download is not used).
 if ! command -v chromium >/dev/null 2>&1; then

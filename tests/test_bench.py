@@ -89,3 +89,65 @@ def test_harness_agrees_with_ollama_nanosecond_counters():
         # Ollama's eval_duration covers every generated token; the harness counts the ones after the first
         assert t.decode_tps == pytest.approx(engine_tps, rel=0.05)
         assert t.ttft > 0 and t.e2e > t.ttft
+
+
+def test_combined_throughput_adds_phase_times_not_rates():
+    # 256 tokens at 1000/s (0.256 s) then 32 at 100/s (0.32 s): 288 tokens in 0.576 s.
+    assert bench.combined_throughput(1000, 100, 256, 32) == pytest.approx(500.0)
+    # Not the mean of the rates (550), nor their token-weighted mean (~900).
+    assert bench.combined_throughput(1000, 100, 256, 32) < 550
+    with pytest.raises(ValueError):
+        bench.combined_throughput(0, 100, 256, 32)
+
+
+def test_llama_bench_scores_pairs_prefill_and_decode_rows():
+    rows = [{"n_threads": 2, "n_batch": 256, "flash_attn": 1, "n_prompt": 256, "n_gen": 0, "avg_ts": 1000.0},
+            {"n_threads": 2, "n_batch": 256, "flash_attn": 1, "n_prompt": 0, "n_gen": 32, "avg_ts": 100.0},
+            {"n_threads": 1, "n_batch": 256, "flash_attn": 0, "n_prompt": 256, "n_gen": 0, "avg_ts": 500.0},
+            {"n_threads": 1, "n_batch": 256, "flash_attn": 0, "n_prompt": 0, "n_gen": 32, "avg_ts": 50.0}]
+    scores = bench.llama_bench_scores(rows, 256, 32)
+    assert scores == {(2, 256, True): pytest.approx(500.0), (1, 256, False): pytest.approx(250.0)}
+    with pytest.raises(ValueError, match="prefill or a decode"):
+        bench.llama_bench_scores(rows[:3], 256, 32)
+
+
+def test_run_openai_retries_a_connection_dropped_before_any_token_once():
+    """A server that hangs up on the first request without answering: one retry, with a warning; two hang-ups fail."""
+    import http.server
+    import json
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        hangups = 1
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if Handler.hangups > 0:
+                Handler.hangups -= 1
+                self.close_connection = True          # no status line: the client sees a dropped connection
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for chunk in ({"choices": [{"index": 0, "text": "hi", "finish_reason": None}]},
+                          {"choices": [{"index": 0, "text": "!", "finish_reason": "length"}]},
+                          {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}):
+                self.wfile.write(f"data: {json.dumps({'id': 'x', 'object': 'text_completion', 'created': 0, 'model': 'm', **chunk})}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    try:
+        with pytest.warns(UserWarning, match="retried once"):
+            timings, _ = bench.run_openai(url, model="m", max_tokens=2, requests=1, warmup=0)
+        assert timings[0].output_tokens == 2
+        Handler.hangups = 2
+        from openai import APIConnectionError
+        with pytest.raises(APIConnectionError), pytest.warns(UserWarning):
+            bench.run_openai(url, model="m", max_tokens=2, requests=1, warmup=0)
+    finally:
+        srv.shutdown()
