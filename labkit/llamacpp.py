@@ -471,6 +471,53 @@ def compare_lookup_decoding(plain, spec, messages: list[dict], max_tokens: int =
             "plain counters": counters["plain"], "lookup counters": counters["spec"], "runs": tps}
 
 
+def chat_with_timings(server, messages: list[dict], max_tokens: int = 64) -> tuple[str, dict]:
+    """One greedy chat reply from ``llama-server`` and the ``timings`` it adds to the OpenAI reply (chapter 03).
+
+    llama-server extends the OpenAI response with its own counters — ``prompt_n``,
+    ``predicted_n``, ``predicted_per_second`` and, when speculative decoding drafted anything,
+    ``draft_n`` (tokens proposed) and ``draft_n_accepted``. Absent draft counters read as 0.
+    A server without ``timings`` (any other engine) is an error, not a zero.
+    """
+    reply = server.openai().chat.completions.create(model=server.model, messages=messages, max_tokens=max_tokens,
+                                                    temperature=0.0)
+    timings = (reply.model_extra or {}).get("timings")
+    if not timings:
+        raise ValueError(f"{server.engine} returned no `timings`; only llama-server reports them")
+    return reply.choices[0].message.content, {"draft_n": 0, "draft_n_accepted": 0, **timings}
+
+
+def speculation_table(model_path, setups: dict[str, dict], tasks: dict[str, list[dict]], *,
+                      max_tokens: int = 64, repeats: int = 2, **serve_options) -> list[dict]:
+    """Decode speed of ``llama-server`` under several speculative set-ups, on several chat tasks (chapter 03).
+
+    ``setups`` maps a label to extra ``labkit.serve`` options (``{}`` is plain decoding, the
+    reference); each set-up gets one server, answers every task once untimed, then ``repeats``
+    times; the best generation rate counts (``serve_options``, e.g. ``threads``, apply to every
+    set-up). Each row says whether the text equals plain
+    decoding's and how many drafted tokens the target accepted.
+    """
+    from .servers import serve
+    if "plain" not in setups:
+        raise ValueError("setups needs a 'plain' entry (no speculation) to compare against")
+    rows, plain_text = [], {}
+    for label in ["plain", *(k for k in setups if k != "plain")]:      # plain first: the reference text
+        with serve("llama-server", model_path, **serve_options, **setups[label]) as srv:
+            for task, messages in tasks.items():
+                text, _ = chat_with_timings(srv, messages, max_tokens)
+                runs = [chat_with_timings(srv, messages, max_tokens)[1] for _ in range(max(1, repeats))]
+                best = max(runs, key=lambda t: t["predicted_per_second"])
+                if label == "plain":
+                    plain_text[task] = text
+                rows.append({"set-up": label, "task": task, "tok/s": best["predicted_per_second"],
+                             "drafted": best["draft_n"], "accepted": best["draft_n_accepted"],
+                             "acceptance": best["draft_n_accepted"] / best["draft_n"] if best["draft_n"] else float("nan"),
+                             "same text as plain": text == plain_text[task]})
+    for row in rows:
+        row["speed-up"] = row["tok/s"] / next(r["tok/s"] for r in rows if r["set-up"] == "plain" and r["task"] == row["task"])
+    return rows
+
+
 @contextlib.contextmanager
 def _count_evals(llm):
     """Count ``llm.eval`` calls (one forward pass each) and the tokens they processed:

@@ -85,3 +85,24 @@ def test_llama_server_cell_runs_skips_or_demands(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("CI", "1")
     with pytest.raises(EngineNotInstalledError, match="make setup"):
         notebook.run_llama_server_cell("x = 1", ns)
+
+
+@needs_programs
+def test_speculation_table_reads_draft_counters_and_keeps_the_text(smollm2_path):
+    """n-gram lookup on a copying task drafts and accepts tokens; the greedy text stays plain decoding's."""
+    text = "The keeper lit the lamp, wound the clock, and wrote the weather in the log. " * 2
+    tasks = {"copy": [{"role": "user", "content": "Repeat this text exactly:\n\n" + text}]}
+    setups = {"plain": {}, "ngram": {"spec_type": "ngram-simple", "spec_ngram_simple_size_n": 4,
+                                     "spec_ngram_simple_size_m": 16}}
+    rows = {r["set-up"]: r for r in llamacpp.speculation_table(smollm2_path, setups, tasks, max_tokens=32, repeats=1)}
+    assert rows["plain"]["drafted"] == 0 and rows["plain"]["speed-up"] == 1.0
+    assert rows["ngram"]["drafted"] > 0 and 0 < rows["ngram"]["accepted"] <= rows["ngram"]["drafted"], rows
+    assert rows["ngram"]["same text as plain"], rows
+    with pytest.raises(ValueError, match="plain"):
+        llamacpp.speculation_table(smollm2_path, {"ngram": setups["ngram"]}, tasks)
+
+
+def test_chat_with_timings_refuses_a_server_without_timings(smollm2_path):
+    with labkit.serve("ollama", smollm2_path) as srv:
+        with pytest.raises(ValueError, match="no `timings`"):
+            llamacpp.chat_with_timings(srv, [{"role": "user", "content": "Hi"}], max_tokens=2)
