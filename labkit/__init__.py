@@ -2,13 +2,17 @@
 
 Chapter map (where each helper is introduced):
 
+* bottom layer, imported by everything and importing nothing of labkit: :mod:`labkit.env`
+  (paths, :func:`data_path`, cache, ports, loopback, interpreters, threads, progress) and
+  :mod:`labkit.errors`.
 * 00 setup: :mod:`labkit.models` (bundled models), :mod:`labkit.hardware` (probe),
   :func:`labkit.serve` (managed engine servers, :mod:`labkit.servers`), :mod:`labkit.runner`
   (notebook execution), :mod:`labkit.cli` (``labkit doctor|serve|run|bench``), :mod:`labkit.notebook`
   (``%%gpu`` cells, chapter timer), :mod:`labkit.check` (exercise feedback).
 * 01 quantization: :mod:`labkit.quant` (ggml block formats), :mod:`labkit.gguf` (inspect, to_float,
-  quantize, ladder), :mod:`labkit.eval` (perplexity, KL-divergence), :mod:`labkit.memory` (estimator).
-* 02 Ollama: :mod:`labkit.ollama_compat` (Ollama-compatible server), :mod:`labkit.modelfile`,
+  quantize, ladder), :mod:`labkit.quality` (perplexity, KL-divergence; formerly ``labkit.eval``), :mod:`labkit.memory` (estimator).
+* 02 Ollama: :mod:`labkit.ollama_compat` (the Ollama-compatible server, a subpackage: store,
+  scheduler, service, create planner, native handlers, OpenAI translator), :mod:`labkit.modelfile`,
   :mod:`labkit.cancellable` (generation stopped when its client goes away).
 * 03 llama.cpp: :mod:`labkit.llamacpp`, :mod:`labkit.llama_tools` (llama.cpp's own programs:
   ``llama-server``, ``llama-bench``, ...).
@@ -19,8 +23,17 @@ Chapter map (where each helper is introduced):
   (weight repacking and the AMX crash).
 """
 from . import repack
-from .errors import (CorruptModelError, EngineNotInstalledError, GPURequiredError, LabkitError,
-                     ModelNotFoundError, PortInUseError, ServerStartError)
+from .env import data_path
+from .errors import (
+    CorruptModelError,
+    EngineNotInstalledError,
+    GPURequiredError,
+    LabkitError,
+    ModelNotFoundError,
+    PortInUseError,
+    ServerStartError,
+    UnsupportedModelError,
+)
 from .servers import Server, serve
 
 # Before any Llama(...) in this process: llama.cpp's AMX weight buffer crashes on multi-token
@@ -30,6 +43,7 @@ repack.install()
 __version__ = "0.1.0"
 __all__ = ["serve", "Server", "LabkitError", "ModelNotFoundError", "CorruptModelError",
            "EngineNotInstalledError", "PortInUseError", "ServerStartError", "GPURequiredError",
+           "UnsupportedModelError", "data_path",
            "load_ipython_extension"]
 
 

@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import platform
 import statistics
-import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-
 
 DEFAULT_PROMPT = "Once upon a time, in a lighthouse at the edge of a cold northern sea, there lived"
 
@@ -82,12 +80,64 @@ class RequestTiming:
         return [b - a for a, b in zip(t, t[1:])]
 
 
+# ----------------------------------------------------------------------------- streams (chapter 03 introduces them)
+def piece_of(chunk: Any) -> str | None:
+    """The text a streamed chunk carries, for llama-cpp-python dicts and OpenAI SDK objects,
+    chat (``delta.content``) or completion (``text``); None for role/finish/usage-only chunks."""
+    if isinstance(chunk, dict):
+        choices = chunk.get("choices") or []
+        if not choices:
+            return None
+        c = choices[0]
+        if "delta" in c:
+            return (c.get("delta") or {}).get("content") or None
+        return c.get("text") or None
+    choices = getattr(chunk, "choices", None) or []
+    if not choices:
+        return None
+    c = choices[0]
+    delta = getattr(c, "delta", None)
+    if delta is not None:
+        return getattr(delta, "content", None) or None
+    return getattr(c, "text", None) or None
+
+
+def timed_stream(stream: Iterable[Any], t0: float | None = None, *, echo: Callable[[str], None] | None = None,
+                 now: Callable[[], float] = time.perf_counter) -> tuple[str, RequestTiming]:
+    """Consume a stream; return (text, :class:`~labkit.bench.RequestTiming`).
+
+    ``t0`` is when the request was sent (default: now — call this right after creating the
+    stream, which for llama-cpp-python does no work until iterated). Each content chunk counts
+    as one token: both llama-cpp-python and its server emit one chunk per generated token
+    (multi-byte characters can merge two). Tokens/s is decode only: tokens after the first ÷
+    time after the first.
+    """
+    t0 = now() if t0 is None else t0
+    pieces, times = [], []
+    for chunk in stream:
+        p = piece_of(chunk)
+        if p:
+            times.append(now() - t0)
+            pieces.append(p)
+            if echo:
+                echo(p)
+    if not times:
+        raise RuntimeError("the stream produced no text (check max_tokens, stop strings, or the server log)")
+    e2e = now() - t0
+    return "".join(pieces), RequestTiming(times[0], e2e, -1, len(times), times)
+
+
+# ----------------------------------------------------------------------------- structured output
+
+
 # ----------------------------------------------------------------------------- llama.cpp in-process
 def llama_perf(llm) -> dict:
-    """llama.cpp's own counters for the last request: prefill/decode tokens and milliseconds."""
+    """llama.cpp's own counters since the last reset: prefill/decode tokens and milliseconds
+    (``labkit.llamacpp.perf`` in chapter 03)."""
     import llama_cpp
     d = llama_cpp.llama_perf_context(llm.ctx)
-    return {"prompt_tokens": d.n_p_eval, "prompt_ms": d.t_p_eval_ms, "decode_tokens": d.n_eval, "decode_ms": d.t_eval_ms}
+    return {"prompt_tokens": int(d.n_p_eval), "prompt_ms": float(d.t_p_eval_ms),
+            "decode_tokens": int(d.n_eval), "decode_ms": float(d.t_eval_ms)}
 
 
 def _end_tokens(llm) -> list[int]:
@@ -109,7 +159,6 @@ def time_llama(llm, prompt: str = None, max_tokens: int = 64) -> RequestTiming:
     import llama_cpp
     llm.reset()                                    # no KV reuse between runs: every run does full prefill
     llama_cpp.llama_perf_context_reset(llm.ctx)
-    from .llamacpp import timed_stream     # the one streaming timer (chapter 03 introduces it)
     t0 = time.perf_counter()
     stream = llm.create_completion(prompt or DEFAULT_PROMPT, max_tokens=max_tokens, temperature=0.0, stream=True,
                                    logit_bias={i: -1e9 for i in _end_tokens(llm)})
@@ -239,7 +288,7 @@ def _in_fresh_loop(fn, *args):
 def sweep_concurrency(server, levels=(1, 2, 4, 8, 16), max_tokens: int = 32, requests_per_level: int | None = None,
                       **kwargs) -> list[dict]:
     """Aggregate throughput and per-request latency at each concurrency level."""
-    from .notebook import progress
+    from .env import progress
     rows = []
     for level in progress(list(levels), "concurrency sweep"):
         timings, wall = run_openai(server, max_tokens=max_tokens, concurrency=level,
@@ -314,8 +363,6 @@ def harness_overhead(n_tokens: int = 256, per_token_s: float = 0.005, repeats: i
     it, so whatever the harness does per token adds up. Best of ``repeats``, because a busy
     machine can only make it look worse.
     """
-    from .llamacpp import timed_stream
-
     def fake_stream():
         for _ in range(n_tokens):
             deadline = time.perf_counter() + per_token_s
@@ -458,7 +505,7 @@ def save_results(rows: list[dict], path, meta: dict | None = None) -> Path:
     return path.with_suffix(".json")
 
 
-def load_results(paths) -> "pd.DataFrame":
+def load_results(paths):
     """Rows from several saved runs, each tagged with the machine it came from."""
     import pandas as pd
     frames = []

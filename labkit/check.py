@@ -89,6 +89,7 @@ def _fits(answer):
 def _q8_0(answer):
     """``answer`` is the learner's function ``f(x: np.ndarray) -> bytes`` (one row, length % 32 == 0)."""
     import numpy as np
+
     from .quant import quantize
     if not callable(answer):
         return False, "pass your function itself, e.g. check('01-q8_0', my_q8_0), not its result."
@@ -118,7 +119,8 @@ def _bpw_q4_k(answer):
     if _close(answer, bits_per_weight("Q4_K"), rel=1e-9):
         return True, ""
     if _close(answer, 4.0, rel=1e-9):
-        return False, "4 bits for the values, plus the scales: a 256-value super-block also stores 2 float16s and 12 bytes of 6-bit scales/mins."
+        return False, ("4 bits for the values, plus the scales: a 256-value super-block also stores "
+                       "2 float16s and 12 bytes of 6-bit scales/mins.")
     return False, "bits per weight = bytes per block × 8 ÷ values per block (Q4_K: 144 bytes per 256 values)."
 
 

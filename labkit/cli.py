@@ -3,7 +3,7 @@
     labkit doctor [--require-gpu] [--min-free-vram GB]   environment report; exit 1 on a failed check
     labkit serve ENGINE [--model M] [--port P]           a managed server in the foreground (Ctrl-C stops it);
                                                          ENGINE: llama.cpp, llama-server, vllm or ollama
-    labkit run [NOTEBOOK ...] [--tier ci|full]           execute notebooks into build/, print a time table
+    labkit run [NOTEBOOK ...] [--tier ci|full] [--model M]   execute notebooks into build/, print a time table
     labkit bench --engine E [--model M]                  TTFT / ITL / tokens/s, saved as JSON + CSV
     labkit hardware                                      the hardware probe as a table (--json for JSON)
 """
@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .env import REPO_ROOT
 from .servers import ENGINES
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cmd_doctor(args) -> int:
@@ -53,7 +52,12 @@ def cmd_run(args) -> int:
     from . import runner
     paths = runner.resolve(args.notebooks)
     params = dict(p.split("=", 1) for p in args.param or [])
-    print(f"Executing {len(paths)} notebook(s), tier={args.tier}, into {args.out}/", flush=True)
+    if args.model:
+        from . import models
+        models.get(args.model)          # fail now, with the fix, rather than in every chapter
+        params["model"] = args.model
+    print(f"Executing {len(paths)} notebook(s), tier={args.tier}, model={params.get('model', 'default')}, into {args.out}/",
+          flush=True)
     results = runner.run_all(paths, tier=args.tier, out_dir=Path(args.out), parameters=params, html=not args.no_html)
     runner.write_summary(results, Path(args.out) / "summary.json")
     print()
@@ -67,6 +71,7 @@ def cmd_bench(args) -> int:
     rows = []
     if args.engine == "in-process":
         from llama_cpp import Llama
+
         from . import hardware, models
         llm = Llama(model_path=str(models.get(args.model)), n_ctx=2048, n_threads=hardware.probe().usable_cores, verbose=False)
         rows.append({"engine": "llama.cpp in-process", "concurrency": 1,
@@ -124,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("notebooks", nargs="*", help="chapter names or numbers (default: all)")
     p.add_argument("--tier", default="ci", choices=["ci", "full"])
     p.add_argument("--out", default=str(REPO_ROOT / "build"))
+    p.add_argument("--model", default=None, help="run every chapter with this model: a bundled name (gemma3 ...) or a .gguf path")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="extra notebook parameter")
     p.add_argument("--no-html", action="store_true")
     p.set_defaults(func=cmd_run)

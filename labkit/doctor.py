@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
+from .env import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCK_FILE = REPO_ROOT / "requirements" / "lock.txt"
 HEADROOM = 0.8   # plan to use at most this share of free RAM / VRAM
 

@@ -31,3 +31,7 @@ class GPURequiredError(LabkitError, RuntimeError):
 
 class InsufficientMemoryError(LabkitError, MemoryError):
     """A model/context/KV configuration that will not fit; refused before anything is loaded."""
+
+
+class UnsupportedModelError(LabkitError, ValueError):
+    """llama.cpp refused a GGUF (unknown architecture, corrupt tensors, ...)."""

@@ -13,10 +13,10 @@ returns one header for the whole model (the first part holds the metadata; each 
 tensors). :func:`split_parts` lists the parts and names any that are missing.
 
 >>> import io, struct
->>> read_header(io.BytesIO(b"NOPE" + bytes(20)))
+>>> read_header(io.BytesIO(b"NOPE" + bytes(20)))  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-labkit.errors.CorruptModelError: <stream> is not a GGUF file: it starts with b'NOPE', not b'GGUF'. Re-download it or point to the .gguf file itself.
+labkit.errors.CorruptModelError: <stream> is not a GGUF file: it starts with b'NOPE', not b'GGUF'. Re-download it ...
 """
 from __future__ import annotations
 
@@ -349,12 +349,12 @@ def inspect(path: str | os.PathLike) -> Inspection:
 def _copy_metadata(reader, writer, skip: set[str]) -> None:
     """Copy every key/value pair with its exact GGUF value type (arrays keep their element type)."""
     from gguf import GGUFValueType
-    for key, field in reader.fields.items():
+    for key, kv in reader.fields.items():
         if key.startswith("GGUF.") or key in skip:
             continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+        vtype = kv.types[0]
+        sub_type = kv.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, kv.contents(), vtype, sub_type=sub_type)
 
 
 def to_float(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f16") -> Path:
@@ -368,6 +368,7 @@ def to_float(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f16")
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
     from gguf import quants as gguf_quants
     from gguf.constants import GGMLQuantizationType
+
     from . import quant
 
     dtype = dtype.lower()
@@ -417,6 +418,20 @@ FTYPES = {"F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q
           "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 
 
+
+def file_type_name(header) -> str | None:
+    """The nominal quantization of a GGUF by its preset name ("Q4_1", "Q4_K_M", "F16"...), read from
+    ``general.file_type`` (llama.h ``enum llama_ftype``); None when the header has no known value.
+    ``header`` is a :func:`read_header` result or a path. The name is what the file was *made as*:
+    individual tensors often keep other types (norms in F32, embeddings in Q8_0...)."""
+    import llama_cpp
+    if not hasattr(header, "metadata"):
+        header = read_header(header)
+    ftype = header.metadata.get("general.file_type")
+    names = {getattr(llama_cpp, const): name for name, const in FTYPES.items() if hasattr(llama_cpp, const)}
+    names[getattr(llama_cpp, "LLAMA_FTYPE_ALL_F32", 0)] = "F32"
+    return names.get(ftype) if ftype is not None else None
+
 class _CaptureStderr:
     """Send C-level writes to fd 2 (llama.cpp's per-tensor log) into a buffer instead of the notebook."""
 
@@ -446,6 +461,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *, n_th
     ``quantize.last_log``.
     """
     import ctypes
+
     import llama_cpp
     key = qtype.upper()
     if key not in FTYPES:
@@ -477,8 +493,7 @@ def ladder(src: str | os.PathLike, qtypes, *, cache: str | os.PathLike | None = 
 
     Files live under ``$LABKIT_CACHE/ladder/<sha12>/``; a rerun finds them and returns at once.
     """
-    from .models import cache_dir, sha256
-    from .notebook import progress
+    from .env import cache_dir, progress, sha256
     src = Path(src)
     folder = Path(cache) if cache else cache_dir() / "ladder" / sha256(src)[:12]
     folder.mkdir(parents=True, exist_ok=True)

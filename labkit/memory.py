@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .quant import LAYOUTS
+
 # Bits per weight of pure ggml block types: block bytes × 8 / block size (ggml-common.h).
-BPW_PURE = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_1": 6.0, "Q5_0": 5.5,
-            "Q5_K": 5.5, "Q4_1": 5.0, "Q4_0": 4.5, "Q4_K": 4.5, "Q3_K": 3.4375, "Q2_K": 2.625}
+BPW_PURE = {name: layout.bits_per_weight for name, layout in LAYOUTS.items()}   # from the block sizes
 # Average bpw of llama.cpp's mixed presets, as measured on Llama-3-8B (llama.cpp quantize
 # README / tools/quantize). Other models differ slightly; a real file's tensors are the truth.
 BPW_MIX = {"Q6_K": 6.56, "Q5_K_M": 5.70, "Q4_K_M": 4.89, "Q3_K_M": 4.00, "Q2_K": 3.16}
@@ -225,6 +226,7 @@ def llamacpp_allocation(path, n_ctx: int, kv_type: str = "f16", n_seq: int = 1) 
     import contextlib
     import io
     import re
+
     import llama_cpp
     from llama_cpp import Llama
     kw = {}
@@ -243,12 +245,17 @@ def llamacpp_allocation(path, n_ctx: int, kv_type: str = "f16", n_seq: int = 1) 
             raise RuntimeError(f"llama.cpp's log has no line matching {pattern!r}; its format changed?")
         return m.groups()
 
-    size, cells = grab(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells")
-    k, v = grab(r"K \(\w+\):\s*([\d.]+) MiB, V \(\w+\):\s*([\d.]+) MiB")
+    # One "llama_kv_cache: size = ..." line per cache: a model with sliding-window layers (Gemma 3)
+    # gets two, one for its global-attention layers and one for its sliding-window layers.
+    caches = re.findall(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells.*?"
+                        r"K \(\w+\):\s*([\d.]+) MiB, V \(\w+\):\s*([\d.]+) MiB", text)
+    if not caches:
+        raise RuntimeError("llama.cpp's log has no 'llama_kv_cache: size = ...' line; its format changed?")
     compute, = grab(r"CPU compute buffer size =\s*([\d.]+) MiB")
     model_mib, = grab(r"model buffer size =\s*([\d.]+) MiB")
-    return {"kv_mib": float(size), "cells": int(cells), "k_mib": float(k), "v_mib": float(v),
-            "compute_mib": float(compute), "model_mib": float(model_mib)}
+    return {"kv_mib": sum(float(c[0]) for c in caches), "cells": max(int(c[1]) for c in caches),
+            "k_mib": sum(float(c[2]) for c in caches), "v_mib": sum(float(c[3]) for c in caches),
+            "caches": len(caches), "compute_mib": float(compute), "model_mib": float(model_mib)}
 
 
 def measure_rss(path, n_ctx: int, n_prompt: int = 512, n_threads: int | None = None) -> dict:

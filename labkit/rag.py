@@ -48,12 +48,12 @@ import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
+from . import env
 from .errors import LabkitError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT / "data" / "rag"
+DATA_DIR = env.DATA_DIR / "rag"
 DOCS_DIR = DATA_DIR / "docs"
 QUESTIONS_PATH = DATA_DIR / "questions.jsonl"
 
@@ -198,6 +198,7 @@ def embedding_model(name: str = "minilm", *, device: str = "cpu"):
     Normalised vectors make the inner product equal to cosine similarity (:func:`build_index`).
     """
     from langchain_huggingface import HuggingFaceEmbeddings
+
     from . import models
     return HuggingFaceEmbeddings(model_name=str(models.get(name)), model_kwargs={"device": device},
                                  encode_kwargs={"normalize_embeddings": True})
@@ -207,7 +208,8 @@ def build_index(chunks: Sequence, embeddings):
     """A FAISS index over ``chunks``; scores are cosine similarities (higher = closer)."""
     from langchain_community.vectorstores import FAISS
     from langchain_community.vectorstores.utils import DistanceStrategy
-    from .notebook import progress
+
+    from .env import progress
     chunks = list(chunks)
     if not chunks:
         raise EmptyCorpusError("No chunks to index: the corpus produced no text.")
@@ -286,7 +288,7 @@ def sweep(documents: Sequence, questions: Sequence[dict], embeddings, *,
     ks = sorted(set(ks))
     texts = [q["question"] for q in questions]
     gold = [q["doc_id"] for q in questions]
-    from .notebook import progress
+    from .env import progress
     vectors = embeddings.embed_documents(texts)
     rows = []
     for size in progress(list(chunk_sizes), "chunk-size sweep"):

@@ -19,7 +19,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .env import REPO_ROOT
+
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 BUILD_DIR = REPO_ROOT / "build"
 DEFAULT_TIMEOUT_S = 900

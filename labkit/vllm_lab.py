@@ -94,6 +94,7 @@ class OfflineLLM:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB of KV cache on CPU
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep notebook output readable
         from vllm import LLM
+
         from .hardware import nvidia_gpus
         defaults = GPU_DEFAULTS if nvidia_gpus() else CPU_DEFAULTS
         self._dist_before = set(glob.glob(DIST_GLOB))

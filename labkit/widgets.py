@@ -30,6 +30,7 @@ def memory_calculator(model: str = "Llama-3.1-8B", quant: str = "Q4_K_M", n_ctx:
     The returned box has ``.controls`` (dict of the widgets) and ``.result`` (the HTML widget).
     """
     import ipywidgets as w
+
     from . import memory
 
     files = {label: Path(p) for label, p in (gguf_files or {}).items()}
@@ -152,7 +153,7 @@ def chat_box(engine, *, model: str | None = None, system: str | None = None, max
     """
     import ipywidgets as w
 
-    from .llamacpp import timed_stream
+    from .bench import timed_stream
 
     is_llama = hasattr(engine, "create_chat_completion")
     if not is_llama and not model:
@@ -204,7 +205,9 @@ def chat_box(engine, *, model: str | None = None, system: str | None = None, max
 
     def clear(_=None):
         del history[1 if system else 0:]
-        turns.clear(); render(); status.value = ""
+        turns.clear()
+        render()
+        status.value = ""
 
     send_button.on_click(lambda _: send())
     clear_button.on_click(clear)

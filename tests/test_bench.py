@@ -1,6 +1,5 @@
 """labkit.bench: statistics on known data, harness overhead, the harness against llama.cpp's own counters."""
 import math
-import time
 
 import numpy as np
 import pytest
@@ -69,6 +68,7 @@ def test_save_and_load_results(tmp_path):
 
 def test_harness_agrees_with_llama_cpp_counters():
     from llama_cpp import Llama
+
     from labkit import models
     llm = Llama(model_path=str(models.get("smollm2")), n_ctx=1024, n_threads=2, verbose=False)
     timings = bench.run_llama(llm, "Write a long story about a lighthouse keeper.", max_tokens=48, runs=3)
@@ -132,7 +132,8 @@ def test_run_openai_retries_a_connection_dropped_before_any_token_once():
             for chunk in ({"choices": [{"index": 0, "text": "hi", "finish_reason": None}]},
                           {"choices": [{"index": 0, "text": "!", "finish_reason": "length"}]},
                           {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}):
-                self.wfile.write(f"data: {json.dumps({'id': 'x', 'object': 'text_completion', 'created': 0, 'model': 'm', **chunk})}\n\n".encode())
+                event = {"id": "x", "object": "text_completion", "created": 0, "model": "m", **chunk}
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")
 
         def log_message(self, *args):

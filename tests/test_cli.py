@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit import cli, doctor, notebook
+from labkit import doctor, notebook
 from labkit.errors import GPURequiredError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,8 @@ def test_serve_foreground_bad_model_exits_1():
 
 
 def test_serve_foreground_starts_and_stops():
-    import signal, time, urllib.request
+    import signal
+    import urllib.request
     proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "serve", "llama.cpp"], stdout=subprocess.PIPE,
                             text=True, cwd=REPO)
     try:
@@ -95,12 +96,12 @@ def test_bench_cli_saves_results(tmp_path):
 
 
 def test_vllm_cell_runs_skips_or_demands(monkeypatch, tmp_path, capsys):
-    from labkit import servers
+    from labkit import env
     from labkit.errors import EngineNotInstalledError
     ns = {}
     assert notebook.run_vllm_cell("x = 1", ns) is True and ns["x"] == 1        # this lab has .venv-vllm
     # a machine without it (Binder): skipped with the reason, unless CI demands vLLM
-    monkeypatch.setattr(servers, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(env, "REPO_ROOT", tmp_path)
     monkeypatch.delenv("LABKIT_VLLM_PYTHON", raising=False)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "vllm" else object())
     monkeypatch.delenv("CI", raising=False)

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from labkit import doctor, models
 
 REPO = Path(__file__).resolve().parents[1]

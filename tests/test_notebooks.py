@@ -4,10 +4,9 @@ Executed copies (and HTML) land in build/; a wall-time table is printed at the e
 A notebook fails when any cell raises, which includes its final "Checks" cells.
 """
 import pytest
+from conftest import NOTEBOOK_RESULTS
 
 from labkit import runner
-
-from conftest import NOTEBOOK_RESULTS
 
 NOTEBOOKS = runner.discover()
 

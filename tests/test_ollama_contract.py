@@ -385,6 +385,7 @@ def test_helpers():
 def test_error_mid_stream_is_a_last_json_line(tmp_path):
     """Once streaming started the status is 200; a failure arrives as a final {"error": ...} line."""
     from starlette.testclient import TestClient
+
     from labkit import ollama_compat
 
     service = ollama_compat.make_service(tmp_path, num_thread=1)
@@ -405,6 +406,7 @@ def test_error_mid_stream_is_a_last_json_line(tmp_path):
 
 def test_serve_and_busy_port(tmp_path):
     import subprocess
+
     import labkit
     if servers.real_ollama():
         pytest.skip("a real Ollama is installed: labkit.serve('ollama') uses it")
@@ -418,6 +420,7 @@ def test_serve_and_busy_port(tmp_path):
 def test_stale_store_entries_do_not_break_the_listing(tmp_path, monkeypatch):
     """A model store written by an older environment (paths that no longer exist) still serves."""
     import json as _json
+
     import labkit
     store = tmp_path / "models" / "labkit-manifests" / "smollm2"
     store.mkdir(parents=True)

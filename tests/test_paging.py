@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from labkit.paging import (OutOfBlocks, PagedKVCache, Request, compare_reservation, poisson_trace,
-                           sample_lengths, simulate_batching)
+from labkit.paging import OutOfBlocks, PagedKVCache, Request, compare_reservation, poisson_trace, sample_lengths, simulate_batching
 
 
 def test_allocator_takes_blocks_only_when_full():

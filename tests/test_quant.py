@@ -293,11 +293,13 @@ def test_calibrated_quantizers_reject_bad_input():
 
 def test_activation_recorder_captures_the_real_layer_inputs():
     from gguf import GGUFReader
+
     from labkit import models
 
+    folder = models.hf_folder(models.get("smollm2"), dtype="float32")
     with pytest.raises(ValueError, match="no module named.*named like"):
-        quant.ActivationRecorder("smollm2", ["model.layers.99.mlp.down_proj"])
-    rec = quant.ActivationRecorder("smollm2", ["model.layers.2.mlp.down_proj"], window=8)
+        quant.ActivationRecorder(folder, ["model.layers.99.mlp.down_proj"])
+    rec = quant.ActivationRecorder(folder, ["model.layers.2.mlp.down_proj"], window=8)
     got = rec.record(["The quick brown fox jumps over the lazy dog. " * 3, "Hello"])
     n_tokens = sum(len(rec.tokenizer(t)["input_ids"]) for t in ["The quick brown fox jumps over the lazy dog. " * 3, "Hello"])
     X = got["model.layers.2.mlp.down_proj"]

@@ -76,7 +76,7 @@ EVERY_PATH = """
     import json, tempfile, pathlib
     import labkit
     from llama_cpp import Llama
-    from labkit import bench, eval as ev, gguf as lg, memory, models, serve
+    from labkit import bench, gguf as lg, memory, models, serve, quality as ev
     path = models.get("smollm2")
     prompt = "Explain in one sentence why the sky looks blue during the day."
     done = []

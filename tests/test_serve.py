@@ -1,5 +1,4 @@
 """labkit.serve against the real llama.cpp server (llama-cpp-python's OpenAI-compatible server)."""
-import json
 import socket
 import subprocess
 import sys
@@ -124,9 +123,10 @@ def test_unknown_engine():
 
 
 def test_vllm_missing_environment_is_named(monkeypatch, tmp_path):
+    from labkit import env
     from labkit import servers as serve_module
     monkeypatch.setenv("LABKIT_VLLM_PYTHON", "")
-    monkeypatch.setattr(serve_module, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(env, "REPO_ROOT", tmp_path)
     import importlib.util
     if importlib.util.find_spec("vllm"):
         pytest.skip("vLLM is importable in this interpreter")

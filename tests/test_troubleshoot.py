@@ -36,8 +36,8 @@ def test_unknown_architecture_is_explained(tmp_path):
 
 
 def test_offload_report_on_this_build():
-    from llama_cpp import Llama
     import llama_cpp
+    from llama_cpp import Llama
     llm = Llama(model_path=str(models.get("smollm2")), n_gpu_layers=-1, n_ctx=256, verbose=False)
     r = troubleshoot.offload_report(llm)
     assert r.n_layers == 30 and r.requested_gpu_layers == -1

@@ -30,6 +30,7 @@ def test_memory_calculator_takes_a_gguf_file_and_lists_what_fits():
 def test_quant_explorer_measures_the_chosen_tensor_and_refuses_misfit_k_quants():
     import numpy as np
     from gguf import GGUFReader
+
     from labkit import models, quant
     from labkit.widgets import quant_explorer
 

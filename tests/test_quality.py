@@ -1,10 +1,10 @@
-"""labkit.eval: perplexity and KL-divergence on cases with known answers, and sliding windows."""
+"""labkit.quality (formerly labkit.eval): perplexity and KL-divergence on cases with known answers, and sliding windows."""
 import math
 
 import numpy as np
 import pytest
 
-from labkit import eval as ev
+from labkit import quality as ev
 
 
 def test_uniform_model_has_perplexity_equal_to_vocab():
@@ -116,3 +116,9 @@ def test_non_resident_scorer_gives_the_same_logits_and_holds_no_model(smollm2_pa
     finally:
         resident.close()
         on_demand.close()
+
+
+def test_old_module_name_still_imports_the_same_module():
+    from labkit import eval as old
+    from labkit import quality
+    assert old is quality and old.compare is quality.compare

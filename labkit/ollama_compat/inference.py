@@ -1,0 +1,138 @@
+"""Generation and embeddings for one request, shared by the native ``/api/*`` handlers and the
+OpenAI translator (``/v1/*``). No HTTP here: these take the service and the request body and
+reserve a model from the scheduler for as long as they run.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import APIError
+from .names import now_rfc3339
+from .service import Service
+from .settings import parse_duration
+from .store import Manifest
+
+
+def prepare(service: Service, body: dict, manifest: Manifest) -> tuple[dict, Any, float]:
+    """The options, grammar and keep-alive of a generate/chat request; 400 for what this model cannot do."""
+    if manifest.kind != "gguf":
+        raise APIError(400, f"\"{manifest.name}\" does not support generate")
+    if body.get("images") or any(isinstance(x, dict) and x.get("images") for x in body.get("messages") or []):
+        raise APIError(400, f"\"{manifest.name}\" does not support images (it is a text-only model)")
+    if body.get("tools"):
+        raise APIError(400, f"\"{manifest.name}\" does not support tools")
+    if body.get("think") not in (None, False):
+        raise APIError(400, f"\"{manifest.name}\" does not support thinking")
+    opts = service.options(body, manifest)
+    grammar = service.grammar_for(body.get("format"))
+    keep_alive = parse_duration(body.get("keep_alive"), default=service.sched.default_keep_alive)
+    return opts, grammar, keep_alive
+
+
+def generation(service: Service, kind: str, body: dict, manifest: Manifest, t0: int,
+               messages_or_prompt) -> Iterator[dict]:
+    """Generate for ``/api/generate`` (``kind="generate"``) or ``/api/chat``: ``{"piece": text}`` items,
+    then ``{"final": stats, "text": all text}``. The model is held until the generator is closed."""
+    sched = service.sched
+    opts, grammar, keep_alive = prepare(service, body, manifest)
+    lm, inst, load_ns = sched.acquire(manifest, opts)
+    try:
+        if kind == "generate":
+            if body.get("raw"):
+                text = messages_or_prompt
+            else:
+                system = body.get("system") if body.get("system") is not None else manifest.system
+                msgs = ([{"role": "system", "content": system}] if system else []) + \
+                    [{"role": "user", "content": messages_or_prompt}]
+                text = service.build_prompt(lm, inst, msgs, body.get("template") or manifest.template)
+        else:
+            text = service.build_prompt(lm, inst, messages_or_prompt, manifest.template)
+        tokens = inst.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        if kind == "generate" and isinstance(body.get("context"), list) and body["context"]:
+            tokens = [int(t) for t in body["context"]] + tokens
+        stats: dict = {}
+        pieces = []
+        for piece in service.run(inst, tokens, opts, grammar, stats):
+            pieces.append(piece)
+            yield {"piece": piece}
+        final = {"done_reason": stats["done_reason"],
+                 "total_duration": time.perf_counter_ns() - t0, "load_duration": load_ns,
+                 "prompt_eval_count": stats["prompt_eval_count"],
+                 "prompt_eval_duration": stats["prompt_eval_duration"],
+                 "eval_count": stats["eval_count"], "eval_duration": stats["eval_duration"]}
+        if kind == "generate" and not body.get("raw"):
+            final["context"] = stats["context"]
+        yield {"final": final, "text": "".join(pieces)}
+    finally:
+        sched.release(lm, inst, keep_alive)
+
+
+def load_or_unload(service: Service, kind: str, body: dict, manifest: Manifest) -> dict:
+    """A generate/chat request without a prompt or messages: load the model (or unload it with keep_alive 0)."""
+    sched = service.sched
+    keep_alive = parse_duration(body.get("keep_alive"), default=sched.default_keep_alive)
+    out = {"model": manifest.name, "created_at": now_rfc3339()}
+    if kind == "generate":
+        out["response"] = ""
+    else:
+        out["message"] = {"role": "assistant", "content": ""}
+    if keep_alive == 0:
+        sched.unload(manifest.path)
+        out.update(done_reason="unload", done=True)
+    else:
+        if manifest.kind != "gguf":
+            raise APIError(400, f"\"{manifest.name}\" does not support {kind}")
+        sched.load_only(manifest, service.options(body, manifest), keep_alive)
+        out["done"] = True
+        if kind == "chat":
+            out = {**out, "done_reason": "load", "done": True}
+    return out
+
+
+def embed_vectors(service: Service, manifest: Manifest, inputs: list[str], body: dict, *, normalize: bool,
+                  truncate: bool, dims: int | None) -> tuple[list, int, int]:
+    """(vectors, tokens read, load nanoseconds) for ``inputs``, cut to ``dims`` and L2-normalised if asked."""
+    sched = service.sched
+    opts = service.options(body, manifest)
+    keep_alive = parse_duration(body.get("keep_alive"), default=sched.default_keep_alive)
+    lm, inst, load_ns = sched.acquire(manifest, opts)
+    try:
+        if manifest.kind == "sentence-transformers":
+            limit = inst.max_seq_length
+            counts = [len(inst.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in inputs]
+            if not truncate and any(c > limit for c in counts):
+                raise APIError(400, f"input length exceeds the context length ({max(counts)} > {limit} tokens)")
+            vecs = inst.encode(inputs, normalize_embeddings=False, convert_to_numpy=True).tolist() if inputs else []
+            n_tokens = sum(min(c, limit) for c in counts)
+        else:
+            if lm.embedder is None:
+                import llama_cpp
+                from llama_cpp import Llama
+                lm.embedder = Llama(model_path=manifest.path, embedding=True, n_ctx=lm.n_ctx or 2048,
+                                    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False,
+                                    n_threads=lm.runner_opts.get("num_thread") or None)
+            vecs, n_tokens = [], 0
+            for t in inputs:
+                toks = lm.embedder.tokenize(t.encode(), add_bos=True, special=False)
+                if len(toks) > lm.embedder.n_ctx():
+                    if not truncate:
+                        raise APIError(400, f"input length exceeds the context length ({len(toks)} > "
+                                            f"{lm.embedder.n_ctx()} tokens)")
+                    toks = toks[:lm.embedder.n_ctx()]
+                    t = lm.embedder.detokenize(toks).decode("utf-8", "replace")
+                n_tokens += len(toks)
+                vecs.append(lm.embedder.embed(t, normalize=False))
+    finally:
+        sched.release(lm, inst, keep_alive)
+    out = []
+    for v in vecs:
+        if dims:
+            v = v[:dims]
+        if normalize:
+            norm = math.sqrt(sum(x * x for x in v)) or 1.0
+            v = [x / norm for x in v]
+        out.append(v)
+    return out, n_tokens, load_ns

@@ -1,0 +1,202 @@
+"""Loaded models: which runners are in memory, who is using them, and when they go.
+
+One runner per weights file, several loaded at once (``OLLAMA_MAX_LOADED_MODELS``), up to
+``OLLAMA_NUM_PARALLEL`` llama.cpp instances each, unloaded when their keep-alive expires.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..env import default_threads
+from .errors import APIError
+from .store import Manifest
+
+RUNNER_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "num_thread", "use_mmap", "use_mlock", "repeat_last_n")
+
+
+@dataclass
+class Loaded:
+    name: str
+    manifest: Manifest
+    runner_opts: dict
+    instances: list = field(default_factory=list)     # free llama_cpp.Llama objects (or one ST model)
+    created: int = 0
+    active: int = 0
+    expires_at: float = 0.0                            # time.time() seconds; inf = never
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    embedder: Any = None
+    formatter: Any = None
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.runner_opts.get("num_ctx", 0))
+
+
+class Scheduler:
+    """Loads models on demand, shares them between requests and unloads them when they expire.
+
+    Like Ollama's scheduler, loaded runners are keyed by the weights file: models created from
+    the same weights (a Modelfile persona, a copy) share one loaded copy; their SYSTEM and
+    PARAMETERs are applied per request.
+    """
+
+    def __init__(self, *, max_loaded: int, num_parallel: int, keep_alive: float, context_length: int,
+                 num_thread: int):
+        self.max_loaded = max(1, max_loaded)
+        self.num_parallel = max(1, num_parallel)
+        self.default_keep_alive = keep_alive
+        self.context_length = context_length
+        self.num_thread = num_thread
+        self.loaded: dict[str, Loaded] = {}
+        self.lock = threading.Condition()
+        self._stop = threading.Event()
+        threading.Thread(target=self._reaper, daemon=True, name="keep-alive").start()
+
+    # ---------------------------------------------------------------- loading
+    def runner_options(self, manifest: Manifest, options: dict) -> dict:
+        opts = {"num_ctx": self.context_length, "num_thread": self.num_thread, "num_batch": 512}
+        for source in (manifest.parameters, options):
+            for k in RUNNER_OPTIONS:
+                if k in source and source[k] not in (None, 0) or (k in source and k == "use_mmap"):
+                    opts[k] = source[k]
+        if manifest.kind != "gguf":
+            return {}
+        return opts
+
+    def _construct(self, lm: Loaded):
+        m, o = lm.manifest, lm.runner_opts
+        if m.kind == "sentence-transformers":
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+            return SentenceTransformer(m.path, device="cpu")
+        from llama_cpp import Llama
+        kwargs = {"model_path": m.path, "n_ctx": int(o["num_ctx"]), "n_batch": int(o.get("num_batch", 512)),
+                  "verbose": False, "seed": 0}
+        # One thread count for decode and prompt batches: one per physical core unless num_thread says
+        # otherwise (llama-cpp-python would use every logical core for batches, which collapses when
+        # other processes share the CPU).
+        threads = int(o.get("num_thread") or default_threads())
+        kwargs["n_threads"] = kwargs["n_threads_batch"] = threads
+        if o.get("num_gpu") not in (None, -1):
+            kwargs["n_gpu_layers"] = int(o["num_gpu"])
+        else:
+            kwargs["n_gpu_layers"] = -1                  # like Ollama: offload what fits (no-op on CPU builds)
+        if "use_mmap" in o:
+            kwargs["use_mmap"] = bool(o["use_mmap"])
+        if o.get("use_mlock"):
+            kwargs["use_mlock"] = True
+        if o.get("repeat_last_n"):
+            kwargs["last_n_tokens_size"] = int(o["repeat_last_n"])
+        return Llama(**kwargs)
+
+    def acquire(self, manifest: Manifest, options: dict) -> tuple[Loaded, Any, int]:
+        """(loaded model, an instance reserved for this request, load nanoseconds)."""
+        t0 = time.perf_counter_ns()
+        wanted = self.runner_options(manifest, options)
+        with self.lock:
+            while True:
+                lm = self.loaded.get(manifest.path)
+                if lm and lm.runner_opts != wanted:
+                    if lm.active == 0:          # reload with the new runner options (Ollama does too)
+                        self._unload(lm)
+                        lm = None
+                    else:
+                        self.lock.wait(0.5)
+                        continue
+                if lm is None:
+                    idle = sorted((x for x in self.loaded.values() if x.active == 0), key=lambda x: x.last_used)
+                    if len(self.loaded) >= self.max_loaded and not idle:
+                        self.lock.wait(0.5)     # every slot busy: queue, as Ollama does
+                        continue
+                    while len(self.loaded) >= self.max_loaded and idle:
+                        self._unload(idle.pop(0))
+                    lm = Loaded(manifest.name, manifest, wanted)
+                    try:
+                        lm.instances.append(self._construct(lm))
+                    except Exception as exc:  # noqa: BLE001  (any load failure becomes a 500 naming the model)
+                        raise APIError(500, f"failed to load model '{manifest.name}' from {manifest.path}: {exc}") from exc
+                    lm.created = 1
+                    self.loaded[manifest.path] = lm
+                lm.manifest = manifest          # the newest configuration (SYSTEM, PARAMETERs) applies
+                lm.active += 1
+                lm.expires_at = math.inf        # never expires while in use
+                break
+        # reserve an instance: a free one, a new one (up to OLLAMA_NUM_PARALLEL), or wait
+        with lm.cond:
+            while not lm.instances:
+                if lm.created < self.num_parallel and manifest.kind == "gguf":
+                    lm.created += 1
+                    try:
+                        inst = self._construct(lm)
+                    except Exception:
+                        lm.created -= 1
+                        raise
+                    return lm, inst, time.perf_counter_ns() - t0
+                lm.cond.wait()
+            inst = lm.instances.pop()
+        return lm, inst, time.perf_counter_ns() - t0
+
+    def release(self, lm: Loaded, inst: Any, keep_alive: float) -> None:
+        with lm.cond:
+            lm.instances.append(inst)
+            lm.cond.notify()
+        with self.lock:
+            lm.active -= 1
+            lm.last_used = time.monotonic()
+            lm.expires_at = time.time() + keep_alive if keep_alive != math.inf else math.inf
+            if keep_alive == 0 and lm.active == 0 and self.loaded.get(lm.manifest.path) is lm:
+                self._unload(lm)
+            self.lock.notify_all()
+
+    def load_only(self, manifest: Manifest, options: dict, keep_alive: float) -> int:
+        lm, inst, load_ns = self.acquire(manifest, options)
+        self.release(lm, inst, keep_alive)
+        return load_ns
+
+    def unload(self, path: str) -> None:
+        """Unload the runner of a weights file (now, or when its running requests finish)."""
+        with self.lock:
+            lm = self.loaded.get(path)
+            if lm is None:
+                return
+            if lm.active == 0:
+                self._unload(lm)
+            else:
+                lm.expires_at = 0.0             # the reaper unloads it once its requests finish
+
+    def _unload(self, lm: Loaded) -> None:
+        if self.loaded.get(lm.manifest.path) is lm:
+            self.loaded.pop(lm.manifest.path)
+        for inst in lm.instances + ([lm.embedder] if lm.embedder else []):
+            close = getattr(inst, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # noqa: BLE001, S110  (a runner that fails to close is still dropped)
+                    pass
+        lm.instances.clear()
+        lm.embedder = None
+        gc.collect()
+        print(f"unloaded {lm.manifest.name} ({lm.manifest.path})", flush=True)
+
+    def _reaper(self) -> None:
+        while not self._stop.wait(0.25):
+            with self.lock:
+                now = time.time()
+                for lm in list(self.loaded.values()):
+                    if lm.active == 0 and lm.expires_at <= now:
+                        self._unload(lm)
+                self.lock.notify_all()
+
+    def snapshot(self) -> list[Loaded]:
+        with self.lock:
+            return list(self.loaded.values())

@@ -1,0 +1,247 @@
+"""labkit.ollama_compat below HTTP: names, durations, Go templates, the store, and the /api/create
+planner driven through the service directly (the wire contract is tests/test_ollama_contract.py)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from labkit import gguf
+from labkit import ollama_compat as oc
+from labkit.ollama_compat.create import CreatePlan, execute_create, plan_create
+from labkit.ollama_compat.errors import error_body
+
+
+@pytest.fixture
+def service(tmp_path, smollm2_path):
+    """A service over an empty store in tmp_path with the bundled SmolLM2 as smollm2:135m (nothing loaded)."""
+    sched = oc.Scheduler(max_loaded=1, num_parallel=1, keep_alive=0.0, context_length=512, num_thread=1)
+    svc = oc.Service(oc.Store(tmp_path / "models"), sched)
+    svc.register("smollm2:135m", smollm2_path)
+    return svc
+
+
+def status_lines(service, plan) -> list[str]:
+    return [x["status"] for x in execute_create(service, plan)]
+
+
+# ---------------------------------------------------------------------------- names, durations, hosts
+@pytest.mark.parametrize("raw, name", [
+    ("smollm2", "smollm2:latest"), ("SmolLM2:135M", "smollm2:135m"), (" library/smollm2:135m ", "smollm2:135m"),
+    ("registry.ollama.ai/library/all-minilm", "all-minilm:latest"), ("me/pirate:v1.2", "me/pirate:v1.2"),
+])
+def test_normalize_name(raw, name):
+    assert oc.normalize_name(raw) == name
+
+
+@pytest.mark.parametrize("raw", ["", "   ", None, 3, "bad name", "-x", "a:b:c", "x/y/z/w"])
+def test_normalize_name_rejects_with_400(raw):
+    with pytest.raises(oc.APIError) as exc:
+        oc.normalize_name(raw, field_name="destination")
+    assert exc.value.status == 400
+    if not isinstance(raw, str) or not raw.strip():
+        assert exc.value.message == "destination is required"
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("5m", 300.0), ("1h30m", 5400.0), ("300ms", 0.3), ("1.5s", 1.5), ("90", 90.0), (42, 42.0), (0, 0.0),
+    ("0", 0.0), (-1, math.inf), ("-5m", math.inf), (None, 300.0), ("", 300.0),
+])
+def test_parse_duration(value, seconds):
+    assert oc.parse_duration(value) == pytest.approx(seconds)
+
+
+def test_parse_duration_default_and_errors():
+    assert oc.parse_duration(None, default=7.0) == 7.0
+    for bad in ("5 minutes", "m5", "5x", True):
+        with pytest.raises(oc.APIError, match="invalid keep_alive") as exc:
+            oc.parse_duration(bad)
+        assert exc.value.status == 400
+
+
+def test_parse_host():
+    assert oc.parse_host("") == ("127.0.0.1", oc.DEFAULT_PORT) == ("127.0.0.1", 11434)
+    assert oc.parse_host("0.0.0.0:8080") == ("0.0.0.0", 8080)
+    assert oc.parse_host("http://ollama.local:99999") == ("ollama.local", 80)      # bad port: the scheme's default
+    assert oc.parse_host("[::1]") == ("::1", 11434)
+
+
+def test_error_body_native_and_openai():
+    assert error_body(400, "nope") == {"error": "nope"}
+    assert error_body(400, "nope", openai=True) == {"error": {"message": "nope", "type": "invalid_request_error",
+                                                              "param": None, "code": None}}
+    assert error_body(404, "gone", openai=True)["error"] == {"message": "gone", "type": "not_found_error",
+                                                             "param": None, "code": "model_not_found"}
+    assert error_body(500, "boom", openai=True)["error"]["type"] == "api_error"
+    assert oc.not_found("x").status == 404 and oc.not_found("x").message == "model 'x' not found"
+
+
+# ---------------------------------------------------------------------------- Go templates
+CLASSIC = "{{ if .System }}<|system|>{{ .System }}\n{{ end }}<|user|>{{ .Prompt }}\n<|assistant|>{{ .Response }}</s>\n"
+
+
+def test_render_go_template_generating_and_replaying():
+    assert oc.render_go_template(CLASSIC, {"System": "Be brief.", "Prompt": "hi", "Response": ""}) == \
+        "<|system|>Be brief.\n<|user|>hi\n<|assistant|>"
+    # no system: the if-branch disappears; a past turn keeps the text after .Response
+    assert oc.render_go_template(CLASSIC, {"System": "", "Prompt": "hi", "Response": "hello"},
+                                 stop_at_response=False) == "<|user|>hi\n<|assistant|>hello</s>\n"
+
+
+def test_render_go_template_else_trim_and_comments():
+    t = "A {{- if .System }} [{{ .System }}] {{- else }} none {{- end -}} \n B{{/* a comment */}}"
+    assert oc.render_go_template(t, {"System": "s"}) == "A [s]B"
+    assert oc.render_go_template(t, {}) == "A noneB"
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{{ range .Messages }}x{{ end }}", "does not support"), ("{{ if .System }}x", "has no {{ end }}"),
+    ("x{{ end }}", "without {{ if }}"), ("{{ else }}", "without {{ if }}"),
+])
+def test_render_go_template_errors_are_400(template, words):
+    with pytest.raises(oc.APIError, match=words.replace("{", r"\{").replace("}", r"\}")) as exc:
+        oc.render_go_template(template, {})
+    assert exc.value.status == 400
+
+
+# ---------------------------------------------------------------------------- the store
+def test_store_put_get_require_delete(tmp_path):
+    weights = tmp_path / "w.gguf"
+    weights.write_bytes(b"x" * 1000)
+    store = oc.Store(tmp_path / "models")
+    assert store.get("a:latest") is None and store.all() == []
+    store.put(oc.Manifest(name="me/a:v1", kind="gguf", path=str(weights), system="arr"))
+    store.put(oc.Manifest(name="b:latest", kind="gguf", path=str(weights)))
+    assert (tmp_path / "models" / "labkit-manifests" / "me" / "a" / "v1.json").is_file()
+    m = store.require("ME/A:v1")
+    assert (m.name, m.system, m.size) == ("me/a:v1", "arr", 1000)
+    assert [x.name for x in store.all()] == ["b:latest", "me/a:v1"]          # newest first
+    assert m.digest != store.get("b:latest").digest                         # the SYSTEM layer differs
+    with pytest.raises(oc.APIError) as exc:
+        store.require("missing")
+    assert (exc.value.status, exc.value.message) == (404, "model 'missing' not found")
+    assert store.delete("me/a:v1") is True and store.delete("me/a:v1") is False
+    assert not (tmp_path / "models" / "labkit-manifests" / "me").exists()   # empty folders go too
+    assert [x.name for x in store.all()] == ["b:latest"]
+
+
+def test_store_blobs_and_pruning(tmp_path):
+    store = oc.Store(tmp_path)
+    digest = "ab" * 32
+    assert store.blob_path(f"sha256:{digest}") == store.blob_path(f"sha256-{digest}") == store.blobs / f"sha256-{digest}"
+    with pytest.raises(oc.APIError, match="invalid digest"):
+        store.blob_path("md5:1234")
+    uploaded, generated = store.blobs / f"sha256-{'1' * 64}", store.blobs / f"sha256-{'2' * 64}"
+    uploaded.write_bytes(b"u")
+    generated.write_bytes(b"g")
+    (store.blobs / (generated.name + ".generated")).touch()
+    store.put(oc.Manifest(name="q:latest", kind="gguf", path=str(generated)))
+    store.delete("q:latest")
+    assert uploaded.exists() and not generated.exists()     # an unused upload stays; an unused generated blob goes
+
+
+# ---------------------------------------------------------------------------- the service and /api/create
+def test_details_and_capabilities_of_the_bundled_model(service):
+    m = service.store.require("smollm2:135m")
+    details = service.details(m)
+    assert details["format"] == "gguf" and details["quantization_level"] == "Q4_1"
+    assert details["family"] == service.header(m.path).architecture == "llama"
+    assert details["parameter_size"].endswith("M")
+    assert service.capabilities(m) == ["completion"]
+    assert service.model_info(m, verbose=False)["general.parameter_count"] > 100_000_000
+
+
+def test_plan_of_a_modelfile_create(service):
+    modelfile = ('FROM smollm2:135m\nSYSTEM """You are a pirate."""\nPARAMETER temperature 0.2\n'
+                 'PARAMETER stop "<|im_end|>"\nMESSAGE user Ahoy?\nMESSAGE assistant Arr!\n')
+    plan = plan_create(service, {"model": "Pirate", "modelfile": modelfile})
+    assert isinstance(plan, CreatePlan) and plan.quantize is None
+    m = plan.manifest
+    assert (m.name, m.parent, m.system, m.builtin) == ("pirate:latest", "smollm2:135m", "You are a pirate.", False)
+    assert m.parameters == {"temperature": 0.2, "stop": ["<|im_end|>"]}
+    assert m.messages == [{"role": "user", "content": "Ahoy?"}, {"role": "assistant", "content": "Arr!"}]
+    assert m.path == service.store.get("smollm2:135m").path           # same weights: no new blob
+    assert service.store.get("pirate:latest") is None                  # planning writes nothing
+    lines = status_lines(service, plan)
+    assert lines[0] == "parsing GGUF" and lines[-2:] == ["writing manifest", "success"]
+    assert "creating system layer" in lines and "creating parameters layer" in lines
+    stored = service.store.require("pirate")
+    assert stored.system == "You are a pirate." and stored.parameters["temperature"] == 0.2
+
+
+def test_plan_fields_override_the_modelfile_and_paths_resolve(service, smollm2_path, tmp_path):
+    (tmp_path / "Modelfile").write_text(f"FROM ./{smollm2_path.name}\nSYSTEM from the file\n")
+    (tmp_path / smollm2_path.name).symlink_to(smollm2_path)
+    plan = plan_create(service, {"model": "local", "path": str(tmp_path / "Modelfile"), "system": "from the request"})
+    assert plan.manifest.system == "from the request"
+    assert plan.manifest.path == str(smollm2_path.resolve()) and plan.manifest.parent == ""
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": "x"}, 400, "neither 'from' nor 'files'"),
+    ({"model": "x", "from": "nosuch:latest"}, 404, "model 'nosuch:latest' not found"),
+    ({"model": "x", "from": "/no/such/file.gguf"}, 400, "no such file"),
+    ({"model": "x", "modelfile": "FROM smollm2:135m\nSYSTME hi"}, 400, "invalid Modelfile"),
+    ({"model": "x", "from": "smollm2:135m", "adapters": {"a.gguf": "sha256:" + "0" * 64}}, 400, "LoRA adapters"),
+    ({"model": "x", "from": "smollm2:135m", "template": "{{ range .Messages }}{{ end }}"}, 400, "does not support"),
+    ({"model": "x", "from": "smollm2:135m", "parameters": {"temperature": "hot"}}, 400, "invalid parameters"),
+    ({"model": "x", "from": "smollm2:135m", "quantize": "q9_9"}, 400, "unsupported quantization type q9_9"),
+    ({"model": "x", "from": "smollm2:135m", "quantize": "q8_0"}, 400, "only supported for F16 and F32 models (this one is Q4_1)"),
+])
+def test_plan_rejects_bad_requests(service, body, status, words):
+    with pytest.raises(oc.APIError) as exc:
+        plan_create(service, body)
+    assert exc.value.status == status and words in exc.value.message
+    assert [m.name for m in service.store.all()] == ["smollm2:135m"]
+
+
+def test_quantize_types_are_gguf_presets_in_ollama_spelling():
+    assert oc.QUANTIZE_TYPES == ("q2_K", "q3_K_L", "q3_K_M", "q3_K_S", "q4_0", "q4_1", "q4_K_M", "q4_K_S",
+                                 "q5_0", "q5_1", "q5_K_M", "q5_K_S", "q6_K", "q8_0")
+    assert {q.upper() for q in oc.QUANTIZE_TYPES} == set(gguf.FTYPES) - {"F16"}
+
+
+def test_create_with_quantize_from_f16(service, smollm2_path):
+    f16 = gguf.ladder(smollm2_path, [])["F16"]          # cached under $LABKIT_CACHE/ladder after the first run
+    service.register("smol-f16", f16)
+    plan = plan_create(service, {"model": "smol-q8", "from": "smol-f16", "quantize": "Q8_0"})
+    assert plan.quantize == "q8_0"
+    lines = status_lines(service, plan)
+    assert lines[:2] == ["quantizing F16 model to Q8_0", "verifying conversion"] and lines[-1] == "success"
+    m = service.store.require("smol-q8")
+    assert m.path.startswith(str(service.store.blobs)) and lines[2] == f"creating new layer sha256:{m.path[-64:]}"
+    assert (service.store.blobs / (m.path.rsplit("/", 1)[-1] + ".generated")).exists()
+    assert service.details(m)["quantization_level"] == "Q8_0"
+    assert not list(service.store.blobs.glob("*.part"))
+    assert service.store.delete("smol-q8:latest")                  # a generated blob goes with its last model
+    assert not list(service.store.blobs.glob("sha256-*"))
+
+
+# ---------------------------------------------------------------------------- requests, before any model runs
+def test_openai_requests_translate_to_native_ones(service):
+    from labkit.ollama_compat.openai import translate
+    m = service.store.require("smollm2:135m")
+    body = {"model": "smollm2:135m", "max_tokens": 5, "stop": "\n", "response_format": {"type": "json_object"},
+            "messages": [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+                         {"role": "user", "content": "hi"}]}
+    ob, kind, payload = translate(body, m, "chat")
+    assert kind == "chat" and payload == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert ob == {"model": "smollm2:135m", "options": {"num_predict": 5, "stop": ["\n"], "temperature": 1.0},
+                  "stream": False, "format": "json"}
+    ob, kind, payload = translate({"prompt": ["Once"], "temperature": 0, "stream": True}, m, "completion")
+    assert (kind, payload, ob["raw"], ob["stream"], ob["options"]) == ("generate", "Once", True, True, {"temperature": 0})
+    with pytest.raises(oc.APIError, match="only text content parts"):
+        translate({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, m, "chat")
+
+
+def test_prepare_checks_options_format_and_keep_alive(service):
+    from labkit.ollama_compat.inference import prepare
+    m = service.store.require("smollm2:135m")
+    opts, grammar, keep_alive = prepare(service, {"options": {"temperature": 0, "bogus": 1}, "keep_alive": "1m"}, m)
+    assert opts == {"temperature": 0.0} and grammar is None and keep_alive == 60.0
+    assert prepare(service, {"format": "json"}, m)[1] is not None
+    for body, words in (({"images": ["aGk="]}, "does not support images"), ({"think": True}, "does not support thinking"),
+                        ({"options": {"temperature": "hot"}}, "invalid options"), ({"format": "yaml"}, "invalid format")):
+        with pytest.raises(oc.APIError, match=words) as exc:
+            prepare(service, body, m)
+        assert exc.value.status == 400
