@@ -75,6 +75,22 @@ def _decode_bound(answer):
     return False, "tokens/s ≤ bandwidth (bytes/s) ÷ bytes read per token (all the weights, once per token)."
 
 
+def _ngl(answer):
+    from .memory import gpu_layers
+    plan = gpu_layers("Qwen2.5-32B", 24e9, "Q4_K_M", n_ctx=32768)
+    try:
+        value = int(answer)
+    except (TypeError, ValueError):
+        return False, "answer with a whole number: the -ngl value."
+    if abs(value - plan.ngl) <= 1:
+        return True, ""
+    if value >= plan.n_layers:
+        return False, (f"the whole model does not fit: weights + KV cache ≈ {plan.gpu_bytes + plan.cpu_bytes:.3g} bytes > 24 GB. "
+                       "Count how many per-layer slices (weights + that layer's KV) fit after the reserve and compute buffer.")
+    return False, ("layers = (VRAM − 1 GiB reserve − compute buffer) ÷ (one layer's weights + its KV cache); "
+                   "memory.gpu_layers(...).per_layer_bytes gives the slice.")
+
+
 def _fits(answer):
     from .troubleshoot import fit_report
     report = fit_report("smollm2", n_ctx=32768, available_bytes=0)
@@ -175,6 +191,7 @@ def _recall(answer):
 EXERCISES: dict[str, Exercise] = {e.id: e for e in [
     Exercise("01-q8_0", "01", "Write my_q8_0(x) returning ggml's Q8_0 bytes for a 1-D float32 array.", _q8_0),
     Exercise("01-bpw-q4k", "01", "Bits per weight of a pure Q4_K tensor, from its block layout.", _bpw_q4_k),
+    Exercise("01-ngl", "01", "The -ngl for Qwen2.5-32B Q4_K_M at 32768 tokens on a 24 GB GPU.", _ngl),
     Exercise("02-tokens-per-s", "02", "Tokens/s of a reply with eval_count 128 and eval_duration 1600000000.", _tokens_per_s),
     Exercise("02-modelfile", "02", "A Modelfile: FROM smollm2:135m, a SYSTEM persona, PARAMETER temperature 0.2.", _modelfile),
     Exercise("03-kv-q8", "03", "Bytes of SmolLM2's q8_0 KV cache at n_ctx=4096 (30 layers, 3 KV heads, head_dim 64).", _kv_q8),

@@ -34,11 +34,32 @@ KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q
 def bits_per_weight(quant: str) -> float:
     """Average bits per weight of a quantization name (mixes first, then pure types)."""
     key = quant.upper()
-    if key in BPW_MIX:
-        return BPW_MIX[key]
-    if key in BPW_PURE:
-        return BPW_PURE[key]
-    raise ValueError(f"Unknown quantization {quant!r}; known: {', '.join(sorted(set(BPW_PURE) | set(BPW_MIX)))}")
+    for table in (BPW_MIX, BPW_PURE, BPW_GROUPED):
+        if key in table:
+            return table[key]
+    raise ValueError(f"Unknown quantization {quant!r}; known: {', '.join(sorted(set(BPW_PURE) | set(BPW_MIX) | set(BPW_GROUPED)))}")
+
+
+def grouped_bits_per_weight(bits: int, group_size: int = 128, scale_bits: int = 16, zero_bits: int | None = None) -> float:
+    """Bits per weight of a GPU checkpoint with group-wise scales (AWQ, GPTQ; chapter 01).
+
+    Each weight is a ``bits``-bit integer; each group of ``group_size`` weights along an input row
+    adds a float16 scale and a zero point packed at the same width as the weights (AutoAWQ's and
+    GPTQ's ``qweight``/``qzeros``/``scales`` tensors). Embeddings and the output layer usually stay
+    float16 in these checkpoints and are not covered by this figure.
+
+    >>> round(grouped_bits_per_weight(4, 128), 4)     # AWQ / GPTQ 4-bit, group size 128
+    4.1562
+    """
+    if bits <= 0 or group_size <= 0:
+        raise ValueError("bits and group_size must be positive")
+    zero_bits = bits if zero_bits is None else zero_bits
+    return bits + (scale_bits + zero_bits) / group_size
+
+
+# GPU formats by their usual names (4-bit, group size 128: the common published checkpoints).
+BPW_GROUPED = {"AWQ": grouped_bits_per_weight(4, 128), "GPTQ-INT4": grouped_bits_per_weight(4, 128),
+               "GPTQ-INT8": grouped_bits_per_weight(8, 128)}
 
 
 def weights_bytes(n_params: float, quant: str) -> float:
@@ -280,3 +301,56 @@ print(json.dumps({{"rss_delta": p.memory_info().rss - before}}))
     if out.returncode != 0:
         raise RuntimeError(f"RSS measurement failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 01 (scale up): how many layers of a real model fit on a GPU (-ngl / n_gpu_layers).
+
+FIT_TARGET_BYTES = 1024 * 2**20   # llama.cpp's --fit-target default: 1024 MiB left free per device (llama-server --help)
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """What ``-ngl`` to use for a model on a GPU of ``vram_bytes`` (see :func:`gpu_layers`)."""
+
+    model: str
+    quant: str
+    n_ctx: int
+    vram_bytes: float
+    n_layers: int
+    layers_on_gpu: int          # repeating layers that fit
+    ngl: int                    # the -ngl value: layers_on_gpu, +1 when the output layer fits too
+    per_layer_bytes: float      # one layer's weights + its KV cache
+    gpu_bytes: float            # what the plan puts on the GPU
+    cpu_bytes: float            # weights left in RAM (layers that do not fit, token embeddings)
+
+    @property
+    def fully_offloaded(self) -> bool:
+        return self.ngl == self.n_layers + 1
+
+    def command(self, gguf: str = "MODEL.gguf") -> str:
+        return f"llama-server -m {gguf} -c {self.n_ctx} -ngl {self.ngl}"
+
+
+def gpu_layers(model, vram_bytes: float, quant: str = "Q4_K_M", n_ctx: int = 8192, kv_type: str = "f16",
+               reserve_bytes: float = FIT_TARGET_BYTES) -> OffloadPlan:
+    """How many of ``model``'s layers fit on a GPU with ``vram_bytes`` at ``n_ctx`` (chapter 01).
+
+    llama.cpp keeps the token embeddings in RAM (a row lookup needs no GPU), puts each offloaded
+    layer's weights **and its KV cache** on the GPU, and counts the output layer as one more
+    "layer" (``-ngl`` = layers + 1 offloads everything). The GPU also holds a compute buffer (the
+    runtime overhead of :func:`estimate`) and llama.cpp leaves ``reserve_bytes`` free. Weights are
+    split evenly over the layers after taking the embedding and output matrices out (vocab ×
+    width each, at the same bits per weight: an approximation, since mixes store them differently).
+    """
+    est = estimate(model, quant, n_ctx, kv_type)
+    cfg = PRESETS[str(model)] if str(model) in PRESETS else (model if isinstance(model, ModelConfig) else config_from_gguf(model)[0])
+    matrix = cfg.n_vocab * cfg.n_embd * est.weights_bytes / cfg.n_params     # one vocab × width matrix
+    per_layer = (est.weights_bytes - 2 * matrix) / cfg.n_layers + est.kv_bytes / cfg.n_layers
+    budget = vram_bytes - reserve_bytes - est.overhead_bytes
+    fit = int(max(0.0, budget) // per_layer) if per_layer > 0 else 0
+    layers = min(cfg.n_layers, fit)
+    output_fits = layers == cfg.n_layers and budget - layers * per_layer >= matrix
+    on_gpu = layers * per_layer + (matrix if output_fits else 0) + (est.overhead_bytes if layers else 0)
+    return OffloadPlan(cfg.name, est.quant, n_ctx, vram_bytes, cfg.n_layers, layers, layers + int(output_fits),
+                       per_layer, on_gpu, est.weights_bytes + est.kv_bytes - layers * per_layer - (matrix if output_fits else 0))

@@ -34,6 +34,20 @@ def test_fits_exercise(capsys):
     assert not check("07-fits", r.weights_bytes) and "weights alone" in capsys.readouterr().out
 
 
+def test_ngl_exercise(capsys):
+    # Worked by hand from labkit's parts: (24e9 - reserve - compute buffer) // (layer weights + layer KV)
+    est = memory.estimate("Qwen2.5-32B", "Q4_K_M", 32768)
+    cfg = memory.PRESETS["Qwen2.5-32B"]
+    matrix = cfg.n_vocab * cfg.n_embd * est.weights_bytes / cfg.n_params
+    per_layer = (est.weights_bytes - 2 * matrix + est.kv_bytes) / cfg.n_layers
+    by_hand = int((24e9 - 2**30 - est.overhead_bytes) // per_layer)
+    assert 0 < by_hand < cfg.n_layers          # a partial offload: the point of the exercise
+    assert check("01-ngl", by_hand)
+    assert not check("01-ngl", cfg.n_layers + 1) and "does not fit" in capsys.readouterr().out
+    assert not check("01-ngl", by_hand // 2) and "per_layer_bytes" in capsys.readouterr().out
+    assert not check("01-ngl", "all")
+
+
 def test_unanswered_and_unknown(capsys):
     assert not check("00-kv-cache", ...) and "not answered yet" in capsys.readouterr().out
     with pytest.raises(KeyError):

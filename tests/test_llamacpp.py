@@ -129,6 +129,28 @@ def test_chat_template_missing_is_explained():
         lc.chat_template(NS(metadata={}))
 
 
+
+def test_as_request_and_reply_text_for_chat_and_base_models():
+    assert lc.as_request("Hi?", "{{ messages }}") == [{"role": "user", "content": "Hi?"}]
+    assert lc.as_request("Hi?", None) == "Q: Hi?\nA:"                 # a base model gets text to continue
+    assert lc.reply_text({"choices": [{"message": {"role": "assistant", "content": "chat"}}]}) == "chat"
+    assert lc.reply_text({"choices": [{"text": "completion", "finish_reason": "stop"}]}) == "completion"
+    assert lc.reply_text(NS(choices=[NS(message=NS(content="sdk chat"))])) == "sdk chat"
+    assert lc.reply_text(NS(choices=[NS(text="sdk text")])) == "sdk text"
+
+
+def test_server_create_picks_the_route_and_sends_json_mode_as_a_grammar():
+    calls = []
+    client = NS(chat=NS(completions=NS(create=lambda **kw: calls.append(("chat", kw)))),
+                completions=NS(create=lambda **kw: calls.append(("completions", kw))))
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    lc.server_create(client, "m", [{"role": "user", "content": "x"}], response_format={"type": "json_object"})
+    lc.server_create(client, "m", "Q: x\nA:", response_format={"type": "json_object", "schema": schema})
+    (route1, kw1), (route2, kw2) = calls
+    assert route1 == "chat" and kw1["response_format"] == {"type": "json_object"}
+    assert route2 == "completions" and kw2["prompt"] == "Q: x\nA:" and "response_format" not in kw2
+    assert kw2["extra_body"]["grammar"] == lc.schema_gbnf(schema)
+
 # ----------------------------------------------------------------------------- with the model
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
@@ -248,3 +270,42 @@ def test_count_evals_restores_the_method(llm):
     assert calls[0] == 2 and calls[1] == len(llm.tokenize(b"Hello there", add_bos=False)) + 1
     assert "eval" not in vars(llm)
     llm.reset()
+
+
+# ----------------------------------------------------------------------------- a base model (no chat template)
+@pytest.fixture(scope="module")
+def base_llm():
+    from llama_cpp import Llama
+
+    from labkit import models
+    try:
+        path = models.get("gemma3", verify=False)
+    except models.ModelNotFoundError:
+        pytest.skip("gemma3 is not installed (make test-models installs it)")
+    m = Llama(model_path=str(path), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False)
+    yield m
+    m.close()
+
+
+def test_chat_prompt_is_what_a_chat_request_feeds_the_model(llm, base_llm):
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    for model, template_in_file in ((llm, True), (base_llm, False)):
+        r = model.create_chat_completion(messages=msgs, max_tokens=1, temperature=0.0)
+        seen = model.input_ids[: r["usage"]["prompt_tokens"]].tolist()
+        ours = model.tokenize(lc.chat_prompt(model, msgs).encode(), add_bos=False, special=True)
+        assert seen in (ours, [model.token_bos()] + ours)
+        assert (model.chat_format == "chat_template.default") == template_in_file
+    assert lc.chat_prompt(base_llm, msgs).strip().endswith("[/INST]")      # llama-cpp-python's fallback: llama-2
+
+
+def test_generate_on_a_base_model_uses_plain_completion_and_json_mode(base_llm):
+    prompt = lc.as_request("Give facts about Paris as JSON.", None)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}
+    r = lc.generate(base_llm, prompt, response_format={"type": "json_object", "schema": schema},
+                    max_tokens=30, temperature=0.0)
+    assert r["tokens"] > 0 and r["finish"] in ("stop", "length")
+    if r["finish"] == "stop":
+        assert lc.validate_json(r["text"], schema)[0], r
+    plain = lc.generate(base_llm, prompt, max_tokens=8, temperature=0.0)
+    assert plain["tokens"] > 0 and plain["text"] != r["text"]           # the grammar changed the output
+    assert len(set(lc.greedy_runs(base_llm, prompt, n=2, max_tokens=8))) == 1

@@ -96,7 +96,61 @@ def test_kv_bytes_equal_llamacpp_allocation(smollm2_path, n_ctx, kv_type):
     assert abs(got["model_mib"] - e.weights_bytes / 2**20) <= 0.005
 
 
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_sliding_window_model_has_two_caches_and_the_formula_holds(kv_type):
+    """Gemma 3 keeps one KV cache for its global layers and one for its sliding-window layers;
+    llama-cpp-python allocates both full-size, so their sum is the every-layer formula."""
+    from labkit import models
+    try:
+        path = models.get("gemma3", verify=False)
+    except models.ModelNotFoundError:
+        pytest.skip("gemma3 is not installed (make test-models installs it)")
+    got = memory.llamacpp_allocation(path, 1024, kv_type)
+    cfg = memory.from_gguf(path)
+    assert got["caches"] == 2 and got["cells"] == 1024
+    assert cfg.head_dim == 256 and cfg.n_kv_heads == 1          # key_length, not n_embd / n_heads (= 160)
+    assert abs(got["kv_mib"] - cfg.kv_cache_bytes(1024, kv_type) / 2**20) <= 0.01    # two values rounded to 0.01 MiB
+    assert abs(got["k_mib"] + got["v_mib"] - got["kv_mib"]) <= 0.02
+
 def test_total_within_15_percent_of_rss(smollm2_path):
     e = memory.estimate(smollm2_path, n_ctx=2048)
     rss = memory.measure_rss(smollm2_path, 2048, n_threads=1)["rss_delta"]
     assert abs(e.total_bytes / rss - 1) < 0.15
+
+
+def test_grouped_bits_per_weight_counts_scales_and_zero_points():
+    # 4-bit weights, one f16 scale and one 4-bit zero per 128 weights: 4 + 20/128
+    assert memory.grouped_bits_per_weight(4, 128) == 4 + 20 / 128
+    assert memory.bits_per_weight("AWQ") == memory.bits_per_weight("GPTQ-INT4") == 4.15625
+    assert memory.grouped_bits_per_weight(8, 64) == 8 + 24 / 64
+    with pytest.raises(ValueError):
+        memory.grouped_bits_per_weight(4, 0)
+
+
+def test_gpu_layers_plan_by_hand():
+    # 10 layers, vocab × width = 1000 × 100 = 1e5 params per embedding/output matrix, 1.2e6 params in all,
+    # F16 (2 bytes/param): matrix 2e5 bytes, each layer (1.2e6 - 2e5) * 2 / 10 = 2e5 bytes of weights.
+    cfg = memory.ModelConfig("toy", 1.2e6, 10, 4, 1, 16, 100, 400, 1000, "by hand")
+    est = memory.estimate(cfg, "F16", n_ctx=256)
+    per_layer = 2e5 + est.kv_bytes / 10
+    room_for_4 = 4 * per_layer + est.overhead_bytes + 1
+    plan = memory.gpu_layers(cfg, room_for_4, "F16", n_ctx=256, reserve_bytes=0)
+    assert (plan.layers_on_gpu, plan.ngl, plan.fully_offloaded) == (4, 4, False)
+    assert plan.per_layer_bytes == pytest.approx(per_layer)
+    everything = memory.gpu_layers(cfg, 1e12, "F16", n_ctx=256, reserve_bytes=0)
+    assert (everything.ngl, everything.fully_offloaded, everything.cpu_bytes) == (11, True, pytest.approx(2e5))  # embeddings stay
+    assert memory.gpu_layers(cfg, est.overhead_bytes, "F16", n_ctx=256, reserve_bytes=0).ngl == 0
+
+
+def test_gpu_layers_conserves_bytes_and_grows_with_vram():
+    total = memory.estimate("Qwen2.5-14B", "Q4_K_M", 8192)
+    previous = -1
+    for gb in (4, 8, 12, 16, 24):
+        plan = memory.gpu_layers("Qwen2.5-14B", gb * 1e9, "Q4_K_M", n_ctx=8192)
+        assert plan.gpu_bytes + plan.cpu_bytes == pytest.approx(total.total_bytes if plan.layers_on_gpu
+                                                                 else total.weights_bytes + total.kv_bytes)
+        assert plan.gpu_bytes <= gb * 1e9 - memory.FIT_TARGET_BYTES
+        assert plan.ngl >= previous
+        previous = plan.ngl
+    assert memory.gpu_layers("Qwen2.5-14B", 48e9, "Q4_K_M", n_ctx=32768).fully_offloaded
