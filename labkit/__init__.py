@@ -21,6 +21,8 @@ Chapter map (where each helper is introduced):
 * 06 benchmarking: :mod:`labkit.bench`.
 * 07 troubleshooting: :mod:`labkit.troubleshoot`, :mod:`labkit.doctor`, :mod:`labkit.repack`
   (weight repacking and the AMX crash).
+* 08 production: :mod:`labkit.proxy` (nginx in front of the engines, supervised like them: load
+  balancing, rate limits, API key, buffering, body size, TLS; ``nginx -t`` on any config).
 """
 from . import repack
 from .env import data_path

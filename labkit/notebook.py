@@ -7,7 +7,8 @@
 * ``%%needs vllm`` runs a cell only where vLLM is installed and otherwise skips it with one line
   (an error under CI or ``LABKIT_REQUIRE_VLLM=1``), so chapters run on Binder without vLLM;
   ``%%needs llama-server`` does the same for llama.cpp's own programs (``make setup`` builds
-  them; ``LABKIT_REQUIRE_LLAMA_SERVER=1``).
+  them; ``LABKIT_REQUIRE_LLAMA_SERVER=1``) and ``%%needs nginx`` for nginx (chapter 08;
+  ``LABKIT_REQUIRE_NGINX=1``). Several names (``%%needs llama-server nginx``) need them all.
 * :class:`Chapter` times the whole notebook and prints its wall time against its budget.
 * :func:`progress` puts a progress bar on labkit's slow loops (ladder, scoring, sweeps, indexing).
 """
@@ -72,27 +73,74 @@ def llama_server_required() -> bool:
     return any(os.environ.get(v, "") not in ("", "0", "false") for v in ("CI", "LABKIT_REQUIRE_LLAMA_SERVER"))
 
 
-def _run_if_installed(source: str, namespace: dict, find, required: bool, what: str) -> bool:
-    """Execute ``source`` if ``find()`` locates the engine; else skip it with the reason (an error
-    when ``required``). Return whether the cell ran."""
+def nginx_required() -> bool:
+    """CI and ``LABKIT_REQUIRE_NGINX=1`` turn a missing nginx into an error."""
+    return any(os.environ.get(v, "") not in ("", "0", "false") for v in ("CI", "LABKIT_REQUIRE_NGINX"))
+
+
+def _skip_reason(find, required: bool, what: str) -> str | None:
+    """None when ``find()`` locates the engine; else why a cell needing it is skipped (raised
+    instead when ``required``)."""
     from .errors import EngineNotInstalledError
     try:
         find()
     except EngineNotInstalledError as exc:
         if required:
             raise
-        print(f"Skipped: this cell needs {what}. {exc}")
-        return False
-    _exec_cell(source, namespace, f"<{what} cell>")
+        return f"Skipped: this cell needs {what}. {exc}"
+    return None
+
+
+def _run_if_installed(source: str, namespace: dict, find, required: bool, what: str) -> bool:
+    """Execute ``source`` if ``find()`` locates the engine; else skip it with the reason (an error
+    when ``required``). Return whether the cell ran."""
+    return _run_if_all_installed(source, namespace, [(find, required, what)])
+
+
+def _run_if_all_installed(source: str, namespace: dict, needs: list) -> bool:
+    """``needs``: (find, required, what) triples. Every engine is checked before anything runs, so
+    a cell never half-runs; the first missing one is the reason printed."""
+    for find, required, what in needs:
+        reason = _skip_reason(find, required, what)
+        if reason:
+            print(reason)
+            return False
+    _exec_cell(source, namespace, f"<{' + '.join(what for _, _, what in needs)} cell>")
     return True
+
+
+def _nginx_need() -> tuple:
+    """(find, required, what) for nginx; likewise for llama.cpp's programs below."""
+    from .proxy import nginx_binary
+    return nginx_binary, nginx_required(), "nginx"
+
+
+def _llama_server_need() -> tuple:
+    from .llama_tools import program
+    return (lambda: program("llama-server")), llama_server_required(), "llama.cpp's programs"
 
 
 def run_llama_server_cell(source: str, namespace: dict) -> bool:
     """Execute ``source`` if llama.cpp's programs are built (``make setup``); otherwise skip it with
     the reason. Return whether the cell ran."""
-    from .llama_tools import program
-    return _run_if_installed(source, namespace, lambda: program("llama-server"), llama_server_required(),
-                             "llama.cpp's programs")
+    return _run_if_installed(source, namespace, *_llama_server_need())
+
+
+def run_nginx_cell(source: str, namespace: dict) -> bool:
+    """Execute ``source`` if nginx is installed (``make setup`` as root installs Debian's); otherwise
+    skip it with the reason. Return whether the cell ran."""
+    return _run_if_installed(source, namespace, *_nginx_need())
+
+
+def run_cell_needing(names: list[str], source: str, namespace: dict) -> bool:
+    """``%%needs NAME [NAME ...]``: execute ``source`` only if every named engine is installed."""
+    from .servers import vllm_python
+    needs = {"vllm": lambda: (vllm_python, vllm_required(), "vLLM"),
+             "llama-server": _llama_server_need, "nginx": _nginx_need}
+    unknown = [n for n in names if n not in needs]
+    if unknown or not names:
+        raise ValueError(f"%%needs knows {', '.join(needs)}; got {' '.join(names)!r}")
+    return _run_if_all_installed(source, namespace, [needs[n]() for n in names])
 
 
 def run_vllm_cell(source: str, namespace: dict) -> bool:
@@ -109,12 +157,8 @@ def register_magics(ipython) -> None:
     def gpu(line, cell):
         run_gpu_cell(cell, ipython.user_ns)
 
-    runners = {"vllm": run_vllm_cell, "llama-server": run_llama_server_cell}
-
     def needs(line, cell):
-        if line.strip() not in runners:
-            raise ValueError(f"%%needs knows {' and '.join(runners)}; got {line.strip()!r}")
-        runners[line.strip()](cell, ipython.user_ns)
+        run_cell_needing(line.split(), cell, ipython.user_ns)
 
     ipython.register_magic_function(gpu, magic_kind="cell", magic_name="gpu")
     ipython.register_magic_function(needs, magic_kind="cell", magic_name="needs")

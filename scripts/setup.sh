@@ -130,4 +130,16 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "setup: chromium is not installed; the browser test needs it (sudo apt-get install chromium)" >&2
   fi
 fi
+# Chapter 08 puts Debian's nginx in front of the engines. labkit runs its own nginx processes from a
+# temporary folder (labkit.proxy), so the package's system service is not wanted: stop it if apt started it.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's nginx for chapter 08 (apt-get)"
+    apt-get install -y --no-install-recommends nginx >>"$LOGS/nginx.log" 2>&1 \
+      || { apt-get update >>"$LOGS/nginx.log" 2>&1; run_logged "$LOGS/nginx.log" apt-get install -y --no-install-recommends nginx; }
+    if command -v service >/dev/null 2>&1; then service nginx stop >>"$LOGS/nginx.log" 2>&1 || true; fi
+  else
+    echo "setup: nginx is not installed; chapter 08 needs it (sudo apt-get install nginx)" >&2
+  fi
+fi
 echo "setup: ready (.venv -> $(readlink .venv), .venv-vllm -> $(readlink .venv-vllm))"
