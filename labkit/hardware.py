@@ -41,6 +41,7 @@ class GPU:
     memory_free_mib: int | None = None
     driver: str | None = None
     compute_capability: str | None = None
+    backend: str = "cuda"           # "cuda" (NVIDIA) or "metal" (Apple Silicon: unified memory, shared with the CPU)
 
 
 @dataclass
@@ -76,7 +77,8 @@ class Hardware:
             for i, g in enumerate(self.gpus):
                 rows.append((f"GPU {i}", f"{g.name}, {g.memory_total_mib / 1024:.1f} GiB"
                              + (f" ({g.memory_free_mib / 1024:.1f} GiB free)" if g.memory_free_mib is not None else "")
-                             + (f", compute {g.compute_capability}" if g.compute_capability else "")))
+                             + (f", compute {g.compute_capability}" if g.compute_capability else "")
+                             + (", Metal, memory shared with the CPU" if g.backend == "metal" else "")))
         else:
             rows.append(("GPU", "none detected"))
         for name, version in self.engines.items():
@@ -138,6 +140,29 @@ def nvidia_gpus() -> list[GPU]:
             num = lambda s: int(float(s)) if re.match(r"^[\d.]+$", s) else None  # noqa: E731
             gpus.append(GPU(parts[0], num(parts[1]) or 0, num(parts[2]), parts[3], parts[4]))
     return gpus
+
+
+def apple_gpus(system: str | None = None, machine: str | None = None, sysctl=None) -> list[GPU]:
+    """The GPU of an Apple Silicon Mac (Metal; llama.cpp's default backend there), or [] elsewhere.
+
+    Its memory is the machine's RAM, shared with the CPU (``sysctl hw.memsize``); macOS lets the GPU
+    wire only part of it, which llama.cpp reports at load as ``recommendedMaxWorkingSetSize``.
+    ``system``/``machine``/``sysctl`` default to this machine (tests pass fakes).
+    """
+    if (system or platform.system()) != "Darwin" or (machine or platform.machine()) != "arm64":
+        return []
+
+    def read(key: str) -> str:
+        if sysctl is not None:
+            return sysctl(key)
+        try:
+            return subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    memsize = read("hw.memsize")
+    chip = read("machdep.cpu.brand_string") or "Apple Silicon"
+    mib = int(memsize) // 2**20 if memsize.isdigit() else 0
+    return [GPU(f"{chip} GPU", mib, None, None, None, backend="metal")]
 
 
 def _torch_gpus() -> list[GPU]:
@@ -208,7 +233,7 @@ def probe() -> Hardware:
     model, simd = _cpu_model_and_flags()
     total, available = _memory()
     usable = usable_cores()
-    gpus = nvidia_gpus() or _torch_gpus()
+    gpus = nvidia_gpus() or apple_gpus() or _torch_gpus()
     engines = {name: (_vllm_version() if name == "vllm" else _version(dist)) for name, dist in ENGINE_PACKAGES.items()}
     offload = llama_cpp_supports_gpu_offload()
     hw = Hardware(

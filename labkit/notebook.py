@@ -21,11 +21,17 @@ from dataclasses import dataclass, field
 from .env import progress  # noqa: F401  (labkit.notebook.progress: public here too)
 from .errors import GPURequiredError
 
+GPU_KINDS = {"any": "a GPU (NVIDIA with CUDA, or Apple Silicon with Metal)", "cuda": "an NVIDIA GPU (CUDA)"}
 
-def gpu_available() -> bool:
-    """True when an NVIDIA GPU is usable (nvidia-smi lists one, or torch sees CUDA)."""
-    from .hardware import nvidia_gpus
-    if nvidia_gpus():
+
+def gpu_available(kind: str = "any") -> bool:
+    """True when a GPU of ``kind`` is usable: ``"any"`` — NVIDIA (nvidia-smi lists one, or torch sees
+    CUDA) or Apple Silicon (Metal, what llama.cpp uses there); ``"cuda"`` — NVIDIA only (vLLM's GPU
+    build, bitsandbytes)."""
+    from .hardware import apple_gpus, nvidia_gpus
+    if kind not in GPU_KINDS:
+        raise ValueError(f"%%gpu takes {' or '.join(GPU_KINDS)}; got {kind!r}")
+    if nvidia_gpus() or (kind == "any" and apple_gpus()):
         return True
     import sys
     torch = sys.modules.get("torch")
@@ -51,13 +57,14 @@ def gpu_required() -> bool:
     return os.environ.get("LABKIT_REQUIRE_GPU", "") not in ("", "0", "false")
 
 
-def run_gpu_cell(source: str, namespace: dict) -> bool:
-    """Execute ``source`` in ``namespace`` if a GPU exists; return whether it ran."""
-    if not gpu_available():
+def run_gpu_cell(source: str, namespace: dict, kind: str = "any") -> bool:
+    """Execute ``source`` in ``namespace`` if a GPU of ``kind`` exists (``%%gpu`` or ``%%gpu cuda``);
+    return whether it ran."""
+    if not gpu_available(kind):
         if gpu_required():
-            raise GPURequiredError("This cell is tagged `gpu`, LABKIT_REQUIRE_GPU is set, and no NVIDIA GPU "
-                                   "is usable here (nvidia-smi lists none). Run `make test-gpu` on a GPU machine.")
-        print("Skipped: this cell needs an NVIDIA GPU and none was found on this machine.")
+            raise GPURequiredError(f"This cell needs {GPU_KINDS[kind]}, LABKIT_REQUIRE_GPU is set, and none is usable "
+                                   "here. Run `make test-gpu` on a GPU machine.")
+        print(f"Skipped: this cell needs {GPU_KINDS[kind]} and none was found on this machine.")
         return False
     _exec_cell(source, namespace, "<gpu cell>")
     return True
@@ -155,7 +162,7 @@ def run_vllm_cell(source: str, namespace: dict) -> bool:
 
 def register_magics(ipython) -> None:
     def gpu(line, cell):
-        run_gpu_cell(cell, ipython.user_ns)
+        run_gpu_cell(cell, ipython.user_ns, line.strip() or "any")
 
     def needs(line, cell):
         run_cell_needing(line.split(), cell, ipython.user_ns)

@@ -74,7 +74,7 @@ def test_serve_foreground_starts_and_stops():
 
 
 def test_gpu_cell_skips_or_demands(monkeypatch, capsys):
-    monkeypatch.setattr(notebook, "gpu_available", lambda: False)
+    monkeypatch.setattr(notebook, "gpu_available", lambda kind="any": False)
     ns = {}
     monkeypatch.delenv("LABKIT_REQUIRE_GPU", raising=False)
     assert notebook.run_gpu_cell("x = 1", ns) is False and "x" not in ns
@@ -82,7 +82,7 @@ def test_gpu_cell_skips_or_demands(monkeypatch, capsys):
     monkeypatch.setenv("LABKIT_REQUIRE_GPU", "1")
     with pytest.raises(GPURequiredError):
         notebook.run_gpu_cell("x = 1", ns)
-    monkeypatch.setattr(notebook, "gpu_available", lambda: True)
+    monkeypatch.setattr(notebook, "gpu_available", lambda kind="any": True)
     assert notebook.run_gpu_cell("x = 1", ns) is True and ns["x"] == 1
 
 
@@ -115,7 +115,7 @@ def test_vllm_cell_runs_skips_or_demands(monkeypatch, tmp_path, capsys):
 
 
 def test_guarded_cells_display_their_last_expression_like_jupyter(monkeypatch, capsys):
-    monkeypatch.setattr(notebook, "gpu_available", lambda: True)
+    monkeypatch.setattr(notebook, "gpu_available", lambda kind="any": True)
     ns = {}
     assert notebook.run_gpu_cell("x = 20\nx + 22", ns) is True and ns["x"] == 20
     assert "42" in capsys.readouterr().out

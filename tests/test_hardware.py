@@ -3,6 +3,7 @@ import os
 import stat
 
 import psutil
+import pytest
 
 from labkit import hardware
 
@@ -51,3 +52,25 @@ def test_usable_cores_without_affinity_as_on_macos(monkeypatch):
     monkeypatch.delattr(os, "sched_getaffinity")
     monkeypatch.setattr(os, "cpu_count", lambda: 10)
     assert hardware.usable_cores() == 10
+
+
+def test_apple_silicon_is_a_metal_gpu_with_unified_memory():
+    answers = {"hw.memsize": str(16 * 2**30), "machdep.cpu.brand_string": "Apple M2 Pro"}
+    gpus = hardware.apple_gpus("Darwin", "arm64", sysctl=answers.get)
+    assert [(g.name, g.memory_total_mib, g.backend) for g in gpus] == [("Apple M2 Pro GPU", 16 * 1024, "metal")]
+    assert hardware.apple_gpus("Darwin", "x86_64", sysctl=answers.get) == []      # an Intel Mac: no Metal offload
+    assert hardware.apple_gpus("Linux", "aarch64", sysctl=answers.get) == []      # Graviton, Ampere: CPU only
+
+
+def test_gpu_cells_by_kind(monkeypatch, capsys):
+    from labkit import notebook
+    monkeypatch.setattr(hardware, "nvidia_gpus", lambda: [])
+    monkeypatch.setattr(hardware, "apple_gpus", lambda: [hardware.GPU("Apple M3 GPU", 8192, backend="metal")])
+    monkeypatch.delenv("LABKIT_REQUIRE_GPU", raising=False)
+    assert notebook.gpu_available() and not notebook.gpu_available("cuda")
+    ns = {}
+    assert notebook.run_gpu_cell("x = 1", ns) is True and ns["x"] == 1           # llama.cpp offload: Metal counts
+    assert notebook.run_gpu_cell("y = 1", ns, "cuda") is False and "y" not in ns  # vLLM's GPU build: NVIDIA only
+    assert "needs an NVIDIA GPU (CUDA)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="cuda"):
+        notebook.gpu_available("rocm")
