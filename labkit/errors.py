@@ -35,3 +35,7 @@ class InsufficientMemoryError(LabkitError, MemoryError):
 
 class UnsupportedModelError(LabkitError, ValueError):
     """llama.cpp refused a GGUF (unknown architecture, corrupt tensors, ...)."""
+
+
+class AdapterMismatchError(LabkitError, ValueError):
+    """A LoRA adapter that does not fit the base model it is applied to (architecture, tensor shapes)."""

@@ -419,6 +419,55 @@ FTYPES = {"F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q
 
 
 
+def check_lora_adapter(adapter: str | os.PathLike, base: str | os.PathLike) -> dict:
+    """Check that a LoRA adapter GGUF (``convert_lora_to_gguf.py``'s output) fits a base GGUF, before
+    an engine loads it (chapter 10); returns ``{"alpha", "rank", "n_matrices", "targets"}``.
+
+    The same rules llama.cpp applies when it loads an adapter (``llama_adapter_lora_init``): the
+    file is a LoRA adapter for the base's architecture, and every ``W.lora_a``/``W.lora_b`` pair
+    has a base tensor ``W`` with ``lora_a`` of shape (n_in, r) and ``lora_b`` (r, n_out). Checked
+    here so the error names both files and the first mismatch, instead of a failed load.
+    """
+    from .errors import AdapterMismatchError
+    a_path, b_path = Path(adapter), Path(base)
+    head = read_header(a_path)             # CorruptModelError (naming the file) when it is not a GGUF
+    meta = head.metadata
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise AdapterMismatchError(
+            f"{a_path.name} is not a LoRA adapter (general.type={meta.get('general.type')!r}, "
+            f"adapter.type={meta.get('adapter.type')!r}). Convert a PEFT adapter folder with llama.cpp's "
+            "convert_lora_to_gguf.py ADAPTER_DIR --base BASE_HF_DIR.")
+    base_head = read_header(b_path)
+    if head.architecture != base_head.architecture:
+        raise AdapterMismatchError(
+            f"{a_path.name} is an adapter for a {head.architecture} model, but {b_path.name} is {base_head.architecture}: "
+            "an adapter only applies to the base model it was trained on.")
+    base_shapes = {t.name: t.shape for t in base_head.tensors}
+    pairs: dict[str, dict[str, tuple]] = {}
+    for t in head.tensors:
+        name, _, half = t.name.rpartition(".")
+        if half in ("lora_a", "lora_b"):
+            pairs.setdefault(name, {})[half] = t.shape
+    ranks = set()
+    for name, pair in sorted(pairs.items()):
+        a, b = pair.get("lora_a"), pair.get("lora_b")
+        if a is None or b is None:
+            raise CorruptModelError(f"{a_path.name}: {name} has only {'lora_a' if a else 'lora_b'}; the adapter is incomplete.")
+        w = base_shapes.get(name)
+        if w is None:
+            raise AdapterMismatchError(f"{a_path.name} adapts {name}, which {b_path.name} does not have: "
+                                       "the adapter was made for another model.")
+        if len(w) < 2 or a[0] != w[0] or b[1] != w[1] or a[1] != b[0]:
+            raise AdapterMismatchError(
+                f"{a_path.name} does not fit {b_path.name}: {name} is {w[0]}x{w[1]} in the base, but the adapter's "
+                f"lora_a is {a[0]}x{a[1]} and lora_b {b[0]}x{b[1]} — it was trained on a different base model.")
+        ranks.add(a[1])
+    if not pairs:
+        raise CorruptModelError(f"{a_path.name} holds no lora_a/lora_b tensors.")
+    return {"alpha": meta.get("adapter.lora.alpha"), "rank": max(ranks), "n_matrices": len(pairs),
+            "targets": sorted({n.split(".")[2] for n in pairs if n.startswith("blk.")})}
+
+
 def file_type_name(header) -> str | None:
     """The nominal quantization of a GGUF by its preset name ("Q4_1", "Q4_K_M", "F16"...), read from
     ``general.file_type`` (llama.h ``enum llama_ftype``); None when the header has no known value.

@@ -284,10 +284,12 @@ def format_parameters(parameters: dict) -> str:
 
 
 def render(*, from_: str, system: str | None = None, template: str | None = None, parameters: dict | None = None,
-           messages: list | None = None, license: list | None = None, header: str = "") -> str:
+           messages: list | None = None, license: list | None = None, adapters: list | None = None,
+           header: str = "") -> str:
     """Modelfile text for a model's configuration (what ``ollama show --modelfile`` prints)."""
     out = [header.rstrip("\n")] if header else []
     out.append(f"FROM {from_}")
+    out += [f"ADAPTER {a}" for a in adapters or []]
     if template is not None:
         out.append(f"TEMPLATE {_quote(template)}")
     if system is not None:

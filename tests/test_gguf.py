@@ -5,6 +5,7 @@ import struct
 import numpy as np
 import pytest
 
+from labkit import gguf
 from labkit.errors import CorruptModelError
 from labkit.gguf import read_header
 
@@ -175,3 +176,9 @@ def test_file_type_name_is_the_nominal_preset(smollm2_path):
     except models.ModelNotFoundError:
         return
     assert file_type_name(gemma) == "Q4_K_M"
+
+
+def test_check_lora_adapter_reads_rank_and_targets(lora_adapter_gguf, smollm2_path):
+    info = gguf.check_lora_adapter(lora_adapter_gguf, smollm2_path)
+    n_layers = gguf.read_header(smollm2_path).arch_value("block_count")
+    assert info == {"alpha": 8.0, "rank": 4, "n_matrices": 2 * n_layers, "targets": ["attn_q", "attn_v"]}

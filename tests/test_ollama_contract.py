@@ -481,3 +481,66 @@ def test_a_client_that_goes_away_frees_the_model(target, path, stream, when):
     waited = time.monotonic() - t0
     assert reply.status_code == 200 and reply.json()["done"], reply.text
     assert waited < 8, f"the follow-up waited {waited:.1f} s: the abandoned generation kept the model"
+
+
+# ------------------------------------------------------------------------------ LoRA adapters (ADAPTER)
+
+def test_modelfile_adapter_changes_answers_only_where_applied(http, target, lora_adapter_gguf, tmp_path):
+    """ADAPTER (docs/modelfile.md) from a Modelfile path and from an uploaded blob (`adapters`)."""
+    labkit_only(target)
+    import ollama
+    client = ollama.Client(host=target[1])
+    prompt = {"prompt": "The capital of France is", "options": QUICK, "stream": False}
+    plain = http.post("/api/generate", json={"model": CHAT, **prompt}).json()["response"]
+    text = f"FROM {CHAT}\nADAPTER {lora_adapter_gguf}\n"
+    with http.stream("POST", "/api/create", json={"model": "tuned", "modelfile": text}) as r:
+        statuses = [json.loads(line)["status"] for line in r.iter_lines() if line]
+    assert r.status_code == 200 and "creating adapter layer" in statuses and statuses[-1] == "success"
+    tuned = http.post("/api/generate", json={"model": "tuned", **prompt}).json()["response"]
+    assert tuned != plain
+    assert f"ADAPTER {lora_adapter_gguf}" in client.show("tuned").modelfile
+    # the base model is untouched: the adapted runner is a separate one
+    assert http.post("/api/generate", json={"model": CHAT, **prompt}).json()["response"] == plain
+    digest = client.create_blob(lora_adapter_gguf)
+    assert client.create(model="tuned-blob", from_=CHAT, adapters={"adapter.gguf": digest}).status == "success"
+    assert client.generate(model="tuned-blob", **prompt).response == tuned
+    for name in ("tuned", "tuned-blob"):
+        client.delete(name)
+
+
+def _fake_adapter(path, *, arch="llama", rank=4, n_in=100, n_out=576, general_type="adapter"):
+    import gguf as gguf_py
+    import numpy as np
+    w = gguf_py.GGUFWriter(str(path), arch)
+    w.add_string("general.type", general_type)
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 8.0)
+    # numpy shapes are reversed GGUF shapes: lora_a is (n_in, r) in GGUF order
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((rank, n_in), dtype=np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((n_out, rank), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_adapter_bad_input_is_a_400_naming_the_file_and_the_mismatch(http, target, tmp_path, smollm2_path):
+    labkit_only(target)
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\x00" * 40)
+    cases = {
+        "missing.gguf": (tmp_path / "missing.gguf", "no such file"),
+        "corrupt.gguf": (corrupt, "corrupt.gguf"),
+        "not an adapter": (smollm2_path, "is not a LoRA adapter"),
+        "wrong shapes": (_fake_adapter(tmp_path / "other-base.gguf"), "different base model"),
+        "other architecture": (_fake_adapter(tmp_path / "qwen2-lora.gguf", arch="qwen2"), "adapter for a qwen2 model"),
+    }
+    for case, (path, words) in cases.items():
+        r = http.post("/api/create", json={"model": "bad-adapter", "modelfile": f"FROM {CHAT}\nADAPTER {path}\n"})
+        assert r.status_code == 400, case
+        assert words in r.json()["error"] and path.name in r.json()["error"], (case, r.json())
+    two = f"FROM {CHAT}\nADAPTER {smollm2_path}\nADAPTER {smollm2_path}\n"
+    r = http.post("/api/create", json={"model": "bad-adapter", "modelfile": two})
+    assert r.status_code == 400 and "one LoRA adapter" in r.json()["error"]
+    assert "bad-adapter:latest" not in [m["name"] for m in http.get("/api/tags").json()["models"]]

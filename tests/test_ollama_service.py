@@ -182,7 +182,7 @@ def test_plan_fields_override_the_modelfile_and_paths_resolve(service, smollm2_p
     ({"model": "x", "from": "nosuch:latest"}, 404, "model 'nosuch:latest' not found"),
     ({"model": "x", "from": "/no/such/file.gguf"}, 400, "no such file"),
     ({"model": "x", "modelfile": "FROM smollm2:135m\nSYSTME hi"}, 400, "invalid Modelfile"),
-    ({"model": "x", "from": "smollm2:135m", "adapters": {"a.gguf": "sha256:" + "0" * 64}}, 400, "LoRA adapters"),
+    ({"model": "x", "from": "smollm2:135m", "adapters": {"a.gguf": "sha256:" + "0" * 64}}, 400, "adapter a.gguf: blob not found"),
     ({"model": "x", "from": "smollm2:135m", "template": "{{ range .Messages }}{{ end }}"}, 400, "does not support"),
     ({"model": "x", "from": "smollm2:135m", "parameters": {"temperature": "hot"}}, 400, "invalid parameters"),
     ({"model": "x", "from": "smollm2:135m", "quantize": "q9_9"}, 400, "unsupported quantization type q9_9"),

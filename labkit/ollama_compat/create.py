@@ -2,7 +2,7 @@
 
 :func:`plan_create` reads the request (the documented JSON fields, or the legacy ``modelfile`` text
 or ``path``), finds the base (an existing model, a local GGUF, or an uploaded blob) and puts the
-layers (SYSTEM, TEMPLATE, PARAMETERs, MESSAGEs, LICENSE) on top; every mistake is a 400 before
+layers (ADAPTER, SYSTEM, TEMPLATE, PARAMETERs, MESSAGEs, LICENSE) on top; every mistake is a 400 before
 anything is written. :func:`execute_create` then quantizes if asked and writes the manifest,
 yielding the status lines Ollama streams.
 """
@@ -40,6 +40,7 @@ def plan_create(service: Service, body: dict) -> CreatePlan:
     name = normalize_name(body.get("model") or body.get("name"))
     fields, base_dir = _request_fields(body)
     base = _base_manifest(service, name, fields, base_dir)
+    base.adapters = base.adapters + _adapter_paths(service, base, fields["adapters"], base_dir)
     _apply_layers(base, fields)
     return CreatePlan(manifest=base, quantize=_quantize_preset(service, base, body.get("quantize")))
 
@@ -68,9 +69,6 @@ def _request_fields(body: dict) -> tuple[dict, Path]:
                 fields[k] = v
         if parsed.adapters:
             fields["adapters"] = parsed.adapters
-    if fields["adapters"]:
-        raise APIError(400, "LoRA adapters (ADAPTER / adapters) are not supported by labkit's stand-in; "
-                            "a real Ollama applies them")
     return fields, base_dir
 
 
@@ -120,6 +118,41 @@ def _base_manifest(service: Service, name: str, fields: dict, base_dir: Path) ->
     else:
         raise APIError(400, "neither 'from' nor 'files' was specified: name a base model (FROM) to create from")
     return base
+
+
+def _adapter_paths(service: Service, base: Manifest, adapters: Any, base_dir: Path) -> list[str]:
+    """The LoRA adapter GGUFs of ``ADAPTER`` lines (paths, relative to the Modelfile) or of the API's
+    ``adapters`` (file name -> digest of an uploaded blob), each checked against the base's weights."""
+    if not adapters:
+        return []
+    if isinstance(adapters, dict):
+        named = [(str(n), service.store.blob_path(str(d))) for n, d in adapters.items()]
+        for label, blob in named:
+            if not blob.exists():
+                raise APIError(400, f"adapter {label}: blob not found on the server: push the file first with "
+                                    "POST /api/blobs/<digest> (ollama.Client.create_blob does this)")
+    elif isinstance(adapters, list) and all(isinstance(a, str) for a in adapters):
+        named = [(a, p if (p := Path(a).expanduser()).is_absolute() else base_dir / p) for a in adapters]
+    else:
+        raise APIError(400, "adapters must map file names to sha256 digests")
+    if len(named) + len(base.adapters) > 1:
+        raise APIError(400, "labkit's stand-in applies one LoRA adapter per model (llama-cpp-python's lora_path); "
+                            "merge adapters first, or use a real Ollama")
+    if base.kind != "gguf":
+        raise APIError(400, "LoRA adapters apply to GGUF models only")
+    paths = []
+    for label, path in named:
+        if not path.exists():
+            raise APIError(400, f"ADAPTER {label}: no such file ({path} does not exist)")
+        if path.is_dir() or not label.endswith(".gguf") and path.suffix == ".safetensors":
+            raise APIError(400, f"ADAPTER {label}: safetensors adapters need Ollama's converter; convert it to a "
+                                "GGUF adapter first (llama.cpp's convert_lora_to_gguf.py ADAPTER_DIR --base BASE_HF_DIR)")
+        try:
+            gguf.check_lora_adapter(path, base.path)
+        except ValueError as exc:          # AdapterMismatchError, CorruptModelError: the file and the mismatch
+            raise APIError(400, f"ADAPTER {label}: {exc}") from None
+        paths.append(str(path.resolve()))
+    return paths
 
 
 def _apply_layers(base: Manifest, fields: dict) -> None:
@@ -205,6 +238,8 @@ def execute_create(service: Service, plan: CreatePlan) -> Iterator[dict]:
     else:
         yield {"status": "parsing GGUF" if m.kind == "gguf" else "reading model metadata"}
         yield {"status": f"using existing layer sha256:{hashlib.sha256(m.path.encode()).hexdigest()}"}
+    for _ in m.adapters:
+        yield {"status": "creating adapter layer"}
     for layer in ("system", "template"):
         if getattr(m, layer) is not None:
             yield {"status": f"creating {layer} layer"}

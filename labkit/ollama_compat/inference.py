@@ -80,7 +80,7 @@ def load_or_unload(service: Service, kind: str, body: dict, manifest: Manifest) 
     else:
         out["message"] = {"role": "assistant", "content": ""}
     if keep_alive == 0:
-        sched.unload(manifest.path)
+        sched.unload(manifest.runner_key)
         out.update(done_reason="unload", done=True)
     else:
         if manifest.kind != "gguf":
@@ -113,7 +113,8 @@ def embed_vectors(service: Service, manifest: Manifest, inputs: list[str], body:
                 from llama_cpp import Llama
                 lm.embedder = Llama(model_path=manifest.path, embedding=True, n_ctx=lm.n_ctx or 2048,
                                     pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False,
-                                    n_threads=lm.runner_opts.get("num_thread") or None)
+                                    n_threads=lm.runner_opts.get("num_thread") or None,
+                                    lora_path=manifest.adapters[0] if manifest.adapters else None)
             vecs, n_tokens = [], 0
             for t in inputs:
                 toks = lm.embedder.tokenize(t.encode(), add_bos=True, special=False)

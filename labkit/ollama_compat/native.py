@@ -245,8 +245,8 @@ async def delete(service: Service, request: Request, t0: int):
     gone = service.store.get(name)
     if gone is None:
         raise not_found(body.get("model") or body.get("name"))
-    if not any(m.path == gone.path and m.name != name for m in service.store.all()):
-        service.sched.unload(gone.path)    # nothing else uses these weights
+    if not any(m.runner_key == gone.runner_key and m.name != name for m in service.store.all()):
+        service.sched.unload(gone.runner_key)    # nothing else uses these weights
     service.store.delete(name)
     return Response(status_code=200)
 

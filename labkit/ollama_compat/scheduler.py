@@ -96,6 +96,8 @@ class Scheduler:
             kwargs["use_mlock"] = True
         if o.get("repeat_last_n"):
             kwargs["last_n_tokens_size"] = int(o["repeat_last_n"])
+        if m.adapters:
+            kwargs["lora_path"] = m.adapters[0]          # create allows one (llama-cpp-python applies one)
         return Llama(**kwargs)
 
     def acquire(self, manifest: Manifest, options: dict) -> tuple[Loaded, Any, int]:
@@ -104,7 +106,7 @@ class Scheduler:
         wanted = self.runner_options(manifest, options)
         with self.lock:
             while True:
-                lm = self.loaded.get(manifest.path)
+                lm = self.loaded.get(manifest.runner_key)
                 if lm and lm.runner_opts != wanted:
                     if lm.active == 0:          # reload with the new runner options (Ollama does too)
                         self._unload(lm)
@@ -125,7 +127,7 @@ class Scheduler:
                     except Exception as exc:  # noqa: BLE001  (any load failure becomes a 500 naming the model)
                         raise APIError(500, f"failed to load model '{manifest.name}' from {manifest.path}: {exc}") from exc
                     lm.created = 1
-                    self.loaded[manifest.path] = lm
+                    self.loaded[manifest.runner_key] = lm
                 lm.manifest = manifest          # the newest configuration (SYSTEM, PARAMETERs) applies
                 lm.active += 1
                 lm.expires_at = math.inf        # never expires while in use
@@ -153,7 +155,7 @@ class Scheduler:
             lm.active -= 1
             lm.last_used = time.monotonic()
             lm.expires_at = time.time() + keep_alive if keep_alive != math.inf else math.inf
-            if keep_alive == 0 and lm.active == 0 and self.loaded.get(lm.manifest.path) is lm:
+            if keep_alive == 0 and lm.active == 0 and self.loaded.get(lm.manifest.runner_key) is lm:
                 self._unload(lm)
             self.lock.notify_all()
 
@@ -162,10 +164,11 @@ class Scheduler:
         self.release(lm, inst, keep_alive)
         return load_ns
 
-    def unload(self, path: str) -> None:
-        """Unload the runner of a weights file (now, or when its running requests finish)."""
+    def unload(self, runner_key: str) -> None:
+        """Unload the runner of a weights file, with its adapters (:attr:`Manifest.runner_key`), now or
+        when its running requests finish."""
         with self.lock:
-            lm = self.loaded.get(path)
+            lm = self.loaded.get(runner_key)
             if lm is None:
                 return
             if lm.active == 0:
@@ -174,8 +177,8 @@ class Scheduler:
                 lm.expires_at = 0.0             # the reaper unloads it once its requests finish
 
     def _unload(self, lm: Loaded) -> None:
-        if self.loaded.get(lm.manifest.path) is lm:
-            self.loaded.pop(lm.manifest.path)
+        if self.loaded.get(lm.manifest.runner_key) is lm:
+            self.loaded.pop(lm.manifest.runner_key)
         for inst in lm.instances + ([lm.embedder] if lm.embedder else []):
             close = getattr(inst, "close", None)
             if callable(close):

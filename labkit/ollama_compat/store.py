@@ -28,6 +28,12 @@ class Manifest:
     license: list = field(default_factory=list)
     modified_ns: int = 0
     builtin: bool = False
+    adapters: list = field(default_factory=list)    # LoRA adapter GGUFs applied on top of the weights (ADAPTER)
+
+    @property
+    def runner_key(self) -> str:
+        """What a loaded runner is shared by: the weights, plus any adapters (which change the weights)."""
+        return "+".join([self.path, *self.adapters])
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -120,7 +126,7 @@ class Store:
         return self.blobs / f"sha256-{m.group(1)}"
 
     def _prune_blobs(self) -> None:
-        used = {Path(m.path).resolve() for m in self.all()}
+        used = {Path(p).resolve() for m in self.all() for p in (m.path, *m.adapters)}
         for blob in self.blobs.glob("sha256-*"):
             # uploaded but never used blobs stay (a create may follow); generated ones go
             if (blob.resolve() not in used and not blob.name.endswith(".part")
