@@ -8,7 +8,8 @@
   (an error under CI or ``LABKIT_REQUIRE_VLLM=1``), so chapters run on Binder without vLLM;
   ``%%needs llama-server`` does the same for llama.cpp's own programs (``make setup`` builds
   them; ``LABKIT_REQUIRE_LLAMA_SERVER=1``) and ``%%needs nginx`` for nginx (chapter 08;
-  ``LABKIT_REQUIRE_NGINX=1``). Several names (``%%needs llama-server nginx``) need them all.
+  ``LABKIT_REQUIRE_NGINX=1``), ``%%needs prometheus`` for Prometheus (chapter 08;
+  ``LABKIT_REQUIRE_PROMETHEUS=1``). Several names (``%%needs llama-server nginx``) need them all.
 * :class:`Chapter` times the whole notebook and prints its wall time against its budget.
 * :func:`progress` puts a progress bar on labkit's slow loops (ladder, scoring, sweeps, indexing).
 """
@@ -85,6 +86,11 @@ def nginx_required() -> bool:
     return any(os.environ.get(v, "") not in ("", "0", "false") for v in ("CI", "LABKIT_REQUIRE_NGINX"))
 
 
+def prometheus_required() -> bool:
+    """CI and ``LABKIT_REQUIRE_PROMETHEUS=1`` turn a missing Prometheus into an error."""
+    return any(os.environ.get(v, "") not in ("", "0", "false") for v in ("CI", "LABKIT_REQUIRE_PROMETHEUS"))
+
+
 def _skip_reason(find, required: bool, what: str) -> str | None:
     """None when ``find()`` locates the engine; else why a cell needing it is skipped (raised
     instead when ``required``)."""
@@ -122,6 +128,11 @@ def _nginx_need() -> tuple:
     return nginx_binary, nginx_required(), "nginx"
 
 
+def _prometheus_need() -> tuple:
+    from .monitoring import prometheus_binary
+    return prometheus_binary, prometheus_required(), "Prometheus"
+
+
 def _llama_server_need() -> tuple:
     from .llama_tools import program
     return (lambda: program("llama-server")), llama_server_required(), "llama.cpp's programs"
@@ -143,7 +154,7 @@ def run_cell_needing(names: list[str], source: str, namespace: dict) -> bool:
     """``%%needs NAME [NAME ...]``: execute ``source`` only if every named engine is installed."""
     from .servers import vllm_python
     needs = {"vllm": lambda: (vllm_python, vllm_required(), "vLLM"),
-             "llama-server": _llama_server_need, "nginx": _nginx_need}
+             "llama-server": _llama_server_need, "nginx": _nginx_need, "prometheus": _prometheus_need}
     unknown = [n for n in names if n not in needs]
     if unknown or not names:
         raise ValueError(f"%%needs knows {', '.join(needs)}; got {' '.join(names)!r}")

@@ -26,7 +26,6 @@ logged as one JSON line (status, the backend that answered, times): :meth:`Proxy
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import json
 import math
@@ -35,14 +34,13 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .env import free_port, is_loopback
 from .errors import EngineNotInstalledError, ServerStartError
-from .servers import Server, _start  # labkit.serve's own start step: same supervisor, readiness wait, log, clean-up
+from .servers import FolderServer, Server, _start  # labkit.serve's own start step: same supervisor, readiness wait, log, clean-up
 
 BALANCES = ("least_conn", "round_robin")
 READY_PATH = "/nginx-ready"          # answered by nginx itself: labkit's readiness probe
@@ -51,8 +49,6 @@ INSTALL_HINT = ("Install it with `sudo apt-get install nginx` (Debian/Ubuntu; `b
                 "system service is not needed (leave it stopped).")
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin")   # where packages put nginx; often not on a user's PATH
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+/=-]{8,200}")
-_live: "set[Proxy]" = set()
-_live_lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------- the programs
@@ -291,30 +287,16 @@ def nginx_test(config_text: str) -> tuple[bool, str]:
 
 # --------------------------------------------------------------------------- the running proxy
 @dataclass(eq=False)
-class Proxy:
-    """A running nginx. ``base_url`` is plain HTTP on 127.0.0.1; ``https_url`` the TLS listener."""
+class Proxy(FolderServer):
+    """A running nginx. ``base_url`` is plain HTTP on 127.0.0.1; ``https_url`` the TLS listener.
+    ``prefix`` is nginx's ``-p`` folder: config, pid, logs, temp files, certificate."""
 
-    server: Server                 # the supervised nginx master (labkit.servers' handle)
-    prefix: Path                   # nginx's -p folder: config, pid, logs, temp files, certificate
     settings: ProxySettings
     https_port: int | None = None
 
     @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
-    @property
     def https_url(self) -> str | None:
         return f"https://127.0.0.1:{self.https_port}" if self.https_port else None
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
-    def pid(self) -> int | None:
-        """The supervisor's pid (leader of the process group holding nginx's master and workers)."""
-        return self.server.pid
 
     @property
     def cert_path(self) -> Path | None:
@@ -323,21 +305,6 @@ class Proxy:
     @property
     def config_text(self) -> str:
         return (self.prefix / "nginx.conf").read_text()
-
-    def alive(self) -> bool:
-        return self.server.process is not None and self.server.process.poll() is None
-
-    def pids(self) -> list[int]:
-        """The supervisor, nginx's master and its workers (while running)."""
-        import psutil
-        try:
-            return [self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))]
-        except (psutil.NoSuchProcess, TypeError):
-            return []
-
-    def logs(self, n: int = 30) -> str:
-        """nginx's error log (start-up problems, upstream errors), last ``n`` lines."""
-        return self.server.logs(n)
 
     def requests(self, at_least: int = 0, timeout: float = 5.0) -> list[dict]:
         """Every request nginx has finished, oldest first: status, uri, upstream (host:port of the
@@ -365,33 +332,17 @@ class Proxy:
         keys = self.settings.api_keys
         return OpenAI(api_key=api_key or (keys[0] if keys else "no-key-needed"), **kwargs)
 
-    def stop(self) -> None:
-        """Stop nginx (master and workers) and delete its folder. Safe to call twice."""
-        with _live_lock:
-            _live.discard(self)
-        self.server.stop()
-        shutil.rmtree(self.prefix, ignore_errors=True)
-        # nginx's error log went to the supervisor's log file: nothing in it is needed once nginx stopped
-        # cleanly (a start failure quotes it in its ServerStartError), so do not leave one per proxy in /tmp
-        self.server.log_path.unlink(missing_ok=True)
-
-    def __enter__(self) -> "Proxy":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         state = "running" if self.alive() else "stopped"
         return (f"<Proxy nginx {self.base_url} -> {', '.join(self.settings.backends)} "
                 f"{self.settings.balance} pid={self.pid} {state}>")
 
 
-@atexit.register
 def stop_all() -> None:
-    """Stop every proxy this process started (runs at exit, before labkit.servers' own clean-up)."""
+    """Stop every proxy this process started (labkit.servers.stop_all also does, at exit)."""
+    from .servers import _live_folders, _live_lock
     with _live_lock:
-        proxies = list(_live)
+        proxies = [fs for fs in _live_folders if isinstance(fs, Proxy)]
     for px in proxies:
         px.stop()
 
@@ -445,10 +396,7 @@ def _start_once(settings: ProxySettings, ready_timeout: float) -> Proxy:
     except BaseException:
         shutil.rmtree(prefix, ignore_errors=True)
         raise
-    proxy = Proxy(server, prefix, settings, https_port)
-    with _live_lock:
-        _live.add(proxy)
-    return proxy
+    return Proxy(server, prefix, settings, https_port)
 
 
 def check_loopback(proxy: Proxy) -> bool:

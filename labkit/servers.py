@@ -148,11 +148,73 @@ class Server:
         return f"<Server {self.engine} model={self.model!r} {self.base_url} pid={self.pid} {state}>"
 
 
+@dataclass(eq=False)
+class FolderServer:
+    """A program labkit runs from a temporary folder of its own — configuration, data, logs: nginx
+    (:mod:`labkit.proxy`) and Prometheus (:mod:`labkit.monitoring`), both from chapter 08. The
+    process is a supervised :class:`Server`; :meth:`stop` also deletes the folder, as does exit."""
+
+    server: Server
+    prefix: Path
+
+    def __post_init__(self):
+        with _live_lock:
+            _live_folders.add(self)
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def pid(self) -> int | None:
+        """The supervisor's pid (leader of the process group holding the program and its children)."""
+        return self.server.pid
+
+    def alive(self) -> bool:
+        return self.server.process is not None and self.server.process.poll() is None
+
+    def pids(self) -> list[int]:
+        """The supervisor and every process under it (while running)."""
+        import psutil
+        try:
+            return [self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))]
+        except (psutil.NoSuchProcess, TypeError):
+            return []
+
+    def logs(self, n: int = LOG_TAIL_LINES) -> str:
+        """What the program printed (its error log), last ``n`` lines."""
+        return self.server.logs(n)
+
+    def stop(self) -> None:
+        """Stop the program and its children and delete its folder. Safe to call twice."""
+        with _live_lock:
+            _live_folders.discard(self)
+        self.server.stop()
+        shutil.rmtree(self.prefix, ignore_errors=True)
+        # a start failure quotes the log in its ServerStartError: nothing in it is needed after a clean stop
+        self.server.log_path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+_live_folders: "set[FolderServer]" = set()
+
+
 @atexit.register
 def stop_all() -> None:
-    """Stop every server this process started (also registered to run at exit)."""
+    """Stop every server this process started, folder servers first (also registered to run at exit)."""
     with _live_lock:
-        servers = list(_live)
+        folders, servers = list(_live_folders), list(_live)
+    for fs in folders:
+        fs.stop()
     for srv in servers:
         srv.stop()
 

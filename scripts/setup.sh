@@ -142,4 +142,15 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     echo "setup: nginx is not installed; chapter 08 needs it (sudo apt-get install nginx)" >&2
   fi
 fi
+# Chapter 08's monitoring runs Debian's Prometheus the same way (labkit.monitoring), so its service is stopped too.
+if ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's prometheus for chapter 08 (apt-get)"
+    apt-get install -y --no-install-recommends prometheus >>"$LOGS/prometheus.log" 2>&1 \
+      || { apt-get update >>"$LOGS/prometheus.log" 2>&1; run_logged "$LOGS/prometheus.log" apt-get install -y --no-install-recommends prometheus; }
+    if command -v service >/dev/null 2>&1; then service prometheus stop >>"$LOGS/prometheus.log" 2>&1 || true; fi
+  else
+    echo "setup: prometheus is not installed; chapter 08's monitoring needs it (sudo apt-get install prometheus)" >&2
+  fi
+fi
 echo "setup: ready (.venv -> $(readlink .venv), .venv-vllm -> $(readlink .venv-vllm))"
