@@ -150,6 +150,9 @@ def _upstream_block(s: ProxySettings) -> str:
         {method}
 {servers}
         keepalive 16;  # reuse connections to the engines
+        # ...but close idle ones before the engines do: llama-server and uvicorn drop an idle connection
+        # after 5 s, and a request nginx sends on one just closed fails with 502 (POST is not retried)
+        keepalive_timeout 4s;
     }}"""
 
 
