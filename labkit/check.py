@@ -188,6 +188,36 @@ def _recall(answer):
     return False, "recall@2 = share of answerable questions whose gold id is among the first 2 retrieved."
 
 
+def _nginx_site(answer):
+    """``answer``: nginx site text (what sites-enabled/ holds) fronting 127.0.0.1:8080 for streaming chat."""
+    import re
+
+    from .errors import EngineNotInstalledError
+    from .proxy import nginx_test, site_config
+    text = str(answer)
+    try:
+        ok, message = nginx_test(site_config(text))
+    except EngineNotInstalledError as exc:
+        return False, f"grading needs nginx, to run nginx -t on your config: {exc}"
+    if not ok:
+        return False, f"nginx -t refuses it: {message.splitlines()[0]}"
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())     # directives only, not comments
+    server = code[code.find("server"):] if re.search(r"\bserver\s*\{", code) else ""
+    if not re.search(r"limit_req_zone[^;]*rate=5r/s", code):
+        return False, "limit requests to 5 per second per client: limit_req_zone $binary_remote_addr zone=NAME:1m rate=5r/s;"
+    if "limit_req_zone" in server:
+        return False, "limit_req_zone belongs in http {} (before server {}), not inside server {}."
+    if not re.search(r"limit_req\s+zone=\w+", server):
+        return False, "the zone does nothing until a location applies it: limit_req zone=NAME burst=10 nodelay;"
+    if not re.search(r"proxy_buffering\s+off", server):
+        return False, "a token stream must not wait in nginx's buffers: proxy_buffering off;"
+    if not re.search(r"proxy_pass\s+http://127\.0\.0\.1:8080", server):
+        return False, "send requests to the engine: proxy_pass http://127.0.0.1:8080;"
+    if not re.search(r"listen\s+127\.0\.0\.1:\d+", server):
+        return False, "listen on loopback only (listen 127.0.0.1:PORT;): the proxy's own port is opened on purpose, later."
+    return True, ""
+
+
 EXERCISES: dict[str, Exercise] = {e.id: e for e in [
     Exercise("01-q8_0", "01", "Write my_q8_0(x) returning ggml's Q8_0 bytes for a 1-D float32 array.", _q8_0),
     Exercise("01-bpw-q4k", "01", "Bits per weight of a pure Q4_K tensor, from its block layout.", _bpw_q4_k),
@@ -200,6 +230,8 @@ EXERCISES: dict[str, Exercise] = {e.id: e for e in [
     Exercise("00-weights", "00", "GB (1e9 bytes) of Qwen2.5-7B's weights (7.62 B parameters) at Q4_K_M.", _weights),
     Exercise("04-paged-blocks", "04", "16-token blocks needed by four sequences of 5, 16, 17 and 100 tokens.", _paged_blocks),
     Exercise("06-decode-bound", "06", "Decode bound (tok/s) of an 8B Q4_K_M model (4.9e9 bytes) on a 1008 GB/s GPU.", _decode_bound),
+    Exercise("08-nginx-site", "08", "Fix a broken nginx site: rate limit 5r/s (zone in http {}), streaming "
+             "without buffering, proxy to 127.0.0.1:8080, listening on loopback; graded by nginx -t.", _nginx_site),
     Exercise("07-fits", "07", "Bytes the bundled SmolLM2 needs for weights + f16 KV cache at n_ctx=32768.", _fits),
 ]}
 

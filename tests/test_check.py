@@ -91,3 +91,45 @@ def test_modelfile_exercise(capsys):
     assert check("02-modelfile", good)
     assert not check("02-modelfile", "FROM smollm2:135m\nPARAMETER temperature 0.2") and "SYSTEM" in capsys.readouterr().out
     assert not check("02-modelfile", "FROM x\nFLY away") and "refused" in capsys.readouterr().out
+
+
+BROKEN_SITE = """
+server {
+    listen 127.0.0.1:8081;
+    limit_req_zone $binary_remote_addr zone=chat:1m rate=5r/s;
+    location / {
+        limit_req zone=chat burst=10 nodelay;
+        proxy_pass http://127.0.0.1:8080;
+        proxy_http_version 1.1;
+    }
+}
+"""
+FIXED_SITE = """
+limit_req_zone $binary_remote_addr zone=chat:1m rate=5r/s;
+server {
+    listen 127.0.0.1:8081;
+    location / {
+        limit_req zone=chat burst=10 nodelay;
+        proxy_pass http://127.0.0.1:8080;
+        proxy_http_version 1.1;
+        proxy_buffering off;
+    }
+}
+"""
+
+
+def test_nginx_site_exercise_is_graded_by_nginx(capsys):
+    from labkit import proxy
+    from labkit.errors import EngineNotInstalledError
+    try:
+        proxy.nginx_binary()
+    except EngineNotInstalledError:
+        pytest.skip("nginx is not installed")
+    assert not check("08-nginx-site", BROKEN_SITE) and "nginx -t refuses it" in capsys.readouterr().out
+    moved = BROKEN_SITE.replace("    limit_req_zone $binary_remote_addr zone=chat:1m rate=5r/s;\n", "")
+    moved = "limit_req_zone $binary_remote_addr zone=chat:1m rate=5r/s;\n" + moved
+    assert not check("08-nginx-site", moved) and "proxy_buffering off" in capsys.readouterr().out
+    assert not check("08-nginx-site", FIXED_SITE.replace("127.0.0.1:8081", "0.0.0.0:8081")) and "loopback" in capsys.readouterr().out
+    assert not check("08-nginx-site", FIXED_SITE.replace("        limit_req zone=chat burst=10 nodelay;\n", "")) \
+        and "applies it" in capsys.readouterr().out
+    assert check("08-nginx-site", FIXED_SITE)
