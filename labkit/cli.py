@@ -6,6 +6,9 @@
     labkit run [NOTEBOOK ...] [--tier ci|full] [--model M]   execute notebooks into build/, print a time table
     labkit bench --engine E [--model M]                  TTFT / ITL / tokens/s, saved as JSON + CSV
     labkit hardware                                      the hardware probe as a table (--json for JSON)
+    labkit mcp [--transport stdio|http] [--port P] [--token T] [--backend NAME=URL[,MODEL]]...
+                                                         the MCP server in front of the engines (chapter 09);
+                                                         no --backend: it starts the bundled model on llama.cpp
 """
 from __future__ import annotations
 
@@ -104,6 +107,15 @@ def cmd_hardware(args) -> int:
     return 0
 
 
+def cmd_mcp(args) -> int:
+    from . import mcp_server
+    try:
+        return mcp_server.run_from_args(args)
+    except ValueError as exc:          # a malformed --backend or --default: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description="Local LLM Lab helper commands.")
     parser.add_argument("--version", action="version", version=f"labkit {__version__}")
@@ -144,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hardware", help="print the hardware probe")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_hardware)
+    from .mcp_server import add_arguments as mcp_arguments  # argparse only: the MCP SDK loads when the command runs
+    p = sub.add_parser("mcp", help="run the MCP server (stdio or Streamable HTTP) in front of the engines")
+    mcp_arguments(p)
+    p.set_defaults(func=cmd_mcp)
     return parser
 
 

@@ -26,6 +26,14 @@ VLLM_KEY=vllm-$(hash_of requirements/lock-vllm.txt requirements/vllm.in requirem
 
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' || {
   echo "setup: Python >= 3.10 is needed (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2; exit 1; }
+# Current vLLM releases declare Requires-Python >=3.11 (chapter 04 prints the installed one's): with an older
+# interpreter pip would fail deep inside the build, so the vLLM environment is skipped with the fix instead.
+WITH_VLLM=1
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+  WITH_VLLM=0
+  echo "setup: vLLM needs Python >= 3.11 (found $("$PY" --version 2>&1)): skipping the vLLM environment." >&2
+  echo "setup: the rest of the lab works; for chapter 04, rerun with PYTHON=python3.11 (or newer) make setup" >&2
+fi
 
 run_logged() {  # run_logged LOGFILE CMD... : quiet on success, log tail on failure
   local log=$1; shift
@@ -92,7 +100,7 @@ ensure_env() {  # ensure_env LINK KEY BUILDER
 }
 
 ensure_env .venv "$MAIN_KEY" build_main
-ensure_env .venv-vllm "$VLLM_KEY" build_vllm
+if [ "$WITH_VLLM" = 1 ]; then ensure_env .venv-vllm "$VLLM_KEY" build_vllm; fi
 build_tools() {
   echo "setup: building llama.cpp's programs (llama-server, llama-bench, ...) from the pinned source in $1 (~7-8 min on 2 cores; log: $LOGS/$TOOLS_KEY.log)"
   : >"$LOGS/$TOOLS_KEY.log"
@@ -101,7 +109,10 @@ build_tools() {
 ensure_env .llama.cpp "$TOOLS_KEY" build_tools
 
 # Per-clone steps (seconds): labkit itself, editable, in both environments; Jupyter kernels.
-for env in .venv .venv-vllm; do
+# .venv-vllm may be absent (skipped above for an old Python): only environments that exist are set up.
+VLLM_PRESENT=0; if [ -x .venv-vllm/bin/python ]; then VLLM_PRESENT=1; fi
+envs=(.venv); if [ "$VLLM_PRESENT" = 1 ]; then envs+=(.venv-vllm); fi
+for env in "${envs[@]}"; do
   # (run from / so that the clone's own labkit/ folder does not shadow the installed one)
   if ! (cd / && "$REPO/$env/bin/python" -c "import labkit, sys; sys.exit(0 if labkit.__file__.startswith('$REPO/') else 1)") 2>/dev/null; then
     run_logged "$LOGS/labkit-install.log" "$env/bin/pip" install --no-deps -e .
@@ -114,11 +125,15 @@ if ! grep -qxF "$(.venv/bin/ruff --version 2>/dev/null | sed 's/ /==/')" require
 fi
 # Kernels live in the shared environment and name its interpreter by its real path, not through this
 # clone's .venv link: a kernel written by another clone (since deleted) would otherwise start nothing.
-main_env=$(readlink -f .venv); vllm_env=$(readlink -f .venv-vllm)
-if ! grep -q "\"$main_env/bin/python\"" "$main_env/share/jupyter/kernels/labkit/kernel.json" 2>/dev/null \
-   || ! grep -q "\"$vllm_env/bin/python\"" "$main_env/share/jupyter/kernels/labkit-vllm/kernel.json" 2>/dev/null; then
+main_env=$(readlink -f .venv)
+if ! grep -q "\"$main_env/bin/python\"" "$main_env/share/jupyter/kernels/labkit/kernel.json" 2>/dev/null; then
   run_logged "$LOGS/kernels.log" "$main_env/bin/python" -m ipykernel install --prefix "$main_env" --name labkit --display-name "Python (labkit)"
-  run_logged "$LOGS/kernels.log" "$vllm_env/bin/python" -m ipykernel install --prefix "$main_env" --name labkit-vllm --display-name "Python (labkit + vLLM)"
+fi
+if [ "$VLLM_PRESENT" = 1 ]; then
+  vllm_env=$(readlink -f .venv-vllm)
+  if ! grep -q "\"$vllm_env/bin/python\"" "$main_env/share/jupyter/kernels/labkit-vllm/kernel.json" 2>/dev/null; then
+    run_logged "$LOGS/kernels.log" "$vllm_env/bin/python" -m ipykernel install --prefix "$main_env" --name labkit-vllm --display-name "Python (labkit + vLLM)"
+  fi
 fi
 # The browser test drives Debian's chromium (Playwright's own browser download is not used).
 if ! command -v chromium >/dev/null 2>&1; then
@@ -153,4 +168,4 @@ if ! command -v prometheus >/dev/null 2>&1; then
     echo "setup: prometheus is not installed; chapter 08's monitoring needs it (sudo apt-get install prometheus)" >&2
   fi
 fi
-echo "setup: ready (.venv -> $(readlink .venv), .venv-vllm -> $(readlink .venv-vllm))"
+echo "setup: ready (.venv -> $(readlink .venv), .venv-vllm -> $(readlink .venv-vllm || echo "not built: vLLM needs Python >= 3.11"))"

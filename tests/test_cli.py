@@ -121,3 +121,78 @@ def test_guarded_cells_display_their_last_expression_like_jupyter(monkeypatch, c
     assert "42" in capsys.readouterr().out
     assert notebook.run_gpu_cell("y = 1\nNone", ns) and capsys.readouterr().out == ""
     assert notebook.run_vllm_cell("z = [1, 2]\nlen(z)", ns) and "2" in capsys.readouterr().out
+
+
+def test_mcp_bad_backend_spec_exits_1():
+    r = labkit("mcp", "--backend", "nonsense")
+    assert r.returncode == 1 and "NAME=URL[,MODEL]" in r.stderr
+
+
+def _descendants(pid):
+    import psutil
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_mcp_http_starts_its_own_engine_and_stops_it():
+    import signal
+    import time
+
+    import httpx
+    import psutil
+
+    from labkit.env import free_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "mcp", "--transport", "http", "--port", str(port),
+                             "--token", "t0ken"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", headers={"Authorization": "Bearer t0ken"}).status_code == 200:
+                    break
+            except httpx.ConnectError:
+                pass
+            assert time.monotonic() < deadline, "the MCP server never answered /health"
+            time.sleep(0.3)
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 401          # the token is required
+        family = _descendants(proc.pid)
+        assert any("llama_cpp.server" in " ".join(psutil.Process(p).cmdline()) for p in family), "no engine started"
+        proc.send_signal(signal.SIGINT)          # Ctrl-C
+        assert proc.wait(timeout=30) == 0
+        time.sleep(1.0)                          # the engine's supervisor notices within a poll or two
+        left = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert not left, left
+    finally:
+        proc.kill()
+
+
+def test_mcp_stdio_with_its_own_engine_keeps_stdout_for_the_protocol(tmp_path):
+    """`labkit mcp` over stdio starting its engine: the engine's start must not write to stdout
+    (the protocol's channel), and the engine must go when the client closes the session."""
+    import asyncio
+    import time
+
+    import httpx
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    async def go():
+        params = StdioServerParameters(command=sys.executable, args=["-m", "labkit.cli", "mcp"], env=dict(os.environ),
+                                       cwd=str(REPO))
+        with open(tmp_path / "mcp.log", "w") as errlog:
+            async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                catalogue = (await session.call_tool("list_models", {})).structuredContent
+                reply = await session.call_tool("generate", {"prompt": "Hi", "max_tokens": 3})
+        return catalogue, reply
+
+    catalogue, reply = asyncio.run(go())
+    local = catalogue["backends"][0]
+    assert local["name"] == "local" and local["served"] and not reply.isError
+    time.sleep(1.5)
+    with pytest.raises(httpx.ConnectError):      # the engine it started is gone
+        httpx.get(local["base_url"] + "/v1/models", timeout=2)

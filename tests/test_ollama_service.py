@@ -2,7 +2,9 @@
 planner driven through the service directly (the wire contract is tests/test_ollama_contract.py)."""
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 
@@ -95,7 +97,7 @@ def test_render_go_template_else_trim_and_comments():
 
 
 @pytest.mark.parametrize("template, words", [
-    ("{{ range .Messages }}x{{ end }}", "does not support"), ("{{ if .System }}x", "has no {{ end }}"),
+    ('{{ template "x" }}', "does not support"), ("{{ if .System }}x", "has no {{ end }}"), ("{{ nosuch 1 }}", "nosuch"),
     ("x{{ end }}", "without {{ if }}"), ("{{ else }}", "without {{ if }}"),
 ])
 def test_render_go_template_errors_are_400(template, words):
@@ -147,7 +149,7 @@ def test_details_and_capabilities_of_the_bundled_model(service):
     assert details["format"] == "gguf" and details["quantization_level"] == "Q4_1"
     assert details["family"] == service.header(m.path).architecture == "llama"
     assert details["parameter_size"].endswith("M")
-    assert service.capabilities(m) == ["completion"]
+    assert service.capabilities(m) == ["completion"]          # its chat template has no tools section
     assert service.model_info(m, verbose=False)["general.parameter_count"] > 100_000_000
 
 
@@ -183,7 +185,7 @@ def test_plan_fields_override_the_modelfile_and_paths_resolve(service, smollm2_p
     ({"model": "x", "from": "/no/such/file.gguf"}, 400, "no such file"),
     ({"model": "x", "modelfile": "FROM smollm2:135m\nSYSTME hi"}, 400, "invalid Modelfile"),
     ({"model": "x", "from": "smollm2:135m", "adapters": {"a.gguf": "sha256:" + "0" * 64}}, 400, "adapter a.gguf: blob not found"),
-    ({"model": "x", "from": "smollm2:135m", "template": "{{ range .Messages }}{{ end }}"}, 400, "does not support"),
+    ({"model": "x", "from": "smollm2:135m", "template": "{{ block \"x\" . }}{{ end }}"}, 400, "does not support"),
     ({"model": "x", "from": "smollm2:135m", "parameters": {"temperature": "hot"}}, 400, "invalid parameters"),
     ({"model": "x", "from": "smollm2:135m", "quantize": "q9_9"}, 400, "unsupported quantization type q9_9"),
     ({"model": "x", "from": "smollm2:135m", "quantize": "q8_0"}, 400, "only supported for F16 and F32 models (this one is Q4_1)"),
@@ -265,3 +267,118 @@ def test_a_model_without_a_template_gets_ollamas_default_prompt_template(tmp_pat
     assert gen.status_code == 200 and chat.status_code == 200, (gen.text, chat.text)
     assert gen.json()["prompt_eval_count"] == chat.json()["prompt_eval_count"]      # the same verbatim prompt
     assert gen.json()["response"] == chat.json()["message"]["content"]
+
+
+# ---------------------------------------------------------------------------- message templates and tools
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Get the weather in a city",
+                                            "parameters": {"type": "object", "required": ["city"],
+                                                           "properties": {"city": {"type": "string"}}}}}
+HISTORY = [{"role": "user", "content": "what is the weather in Toronto?"},
+           {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather",
+                                                                             "arguments": {"city": "Toronto"}}}]},
+           {"role": "tool", "content": "11 degrees celsius", "tool_name": "get_weather"}]
+
+
+def test_go_templates_range_variables_functions_and_json():
+    t = ('{{- range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}'
+         '{{ if eq .Role "user" }}U{{ $i }}:{{ .Content }}{{ else if .ToolCalls }}'
+         '{{ range .ToolCalls }}call {{ .Function.Name }} {{ .Function.Arguments }}{{ end }}'
+         '{{ else }}{{ printf "%s=%v" .Role .Content }}{{ end }}{{ if not $last }}|{{ end }}{{ end }}'
+         '{{ with .Tools }} tools:{{ len . }}{{ end }}{{ if and .Missing true }}never{{ end }}')
+    out = oc.render_go_template(t, {"Messages": HISTORY, "Tools": [WEATHER]})
+    assert out == ('U0:what is the weather in Toronto?|call get_weather {"city":"Toronto"}|'
+                   'tool=11 degrees celsius tools:1')
+    assert oc.render_go_template("{{ range .Tools }}{{ .Function }}{{ end }}", {"Tools": [WEATHER]}) == \
+        json.dumps(WEATHER["function"], separators=(",", ":"))          # structs print as JSON, as Ollama's do
+
+
+def test_the_tools_template_renders_tools_calls_and_results_and_marks_calls_with_json():
+    from labkit.ollama_compat.template import references
+    from labkit.ollama_compat.tools import SMOLLM2_TOOLS_TEMPLATE, tool_tag
+    prompt = oc.render_go_template(SMOLLM2_TOOLS_TEMPLATE, {"Messages": HISTORY, "Tools": [WEATHER]})
+    assert prompt.startswith("<|im_start|>system\n") and '"name":"get_weather"' in prompt
+    assert '{"name": "get_weather", "arguments": {"city":"Toronto"}}' in prompt
+    assert "<tool_response>\n11 degrees celsius\n</tool_response>" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    plain = oc.render_go_template(SMOLLM2_TOOLS_TEMPLATE, {"Messages": HISTORY[:1]})
+    assert "functions" not in plain                      # no tools: SmolLM2's own default system prompt
+    assert references(SMOLLM2_TOOLS_TEMPLATE, "Tools") and tool_tag(SMOLLM2_TOOLS_TEMPLATE) == "{"
+
+
+def test_tool_call_parser_streams_content_and_gives_back_what_is_not_a_call():
+    from labkit.ollama_compat.tools import ToolCallParser
+    p = ToolCallParser("<tool_call>", ["get_weather"])
+    pieces = ["It is ", "<tool", '_call>[{"name": "get_weather", ', '"arguments": {"city": "Paris"}}]', "</tool_call>"]
+    out = [p.add(x) for x in pieces] + [p.finish()]
+    assert "".join(c for _, c in out) == "It is "
+    assert [c for calls, _ in out for c in calls] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    p = ToolCallParser("{", ["get_weather"])              # no tag: a reply starting with text is content
+    assert p.add("Sure: {") == ([], "Sure: {") and p.finish() == ([], "")
+    p = ToolCallParser("{", ["get_weather"])
+    assert p.add('{"name": "other", "arguments": {}}') == ([], "")
+    assert p.finish() == ([], '{"name": "other", "arguments": {}}')   # an unknown function stays visible text
+
+
+def test_capabilities_follow_the_template(service):
+    from labkit.ollama_compat.app import register_tools_variant
+    register_tools_variant(service)
+    tools_model = service.store.require("smollm2-tools:135m")
+    assert service.capabilities(tools_model) == ["completion", "tools"]
+    assert tools_model.path == service.store.require("smollm2:135m").path          # same weights
+
+
+def test_openai_fields_are_translated_or_refused(service):
+    from labkit.ollama_compat.openai import translate
+    m = service.store.require("smollm2:135m")
+    msgs = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "3 C"}]
+    ob, _, payload = translate({"messages": msgs, "reasoning_effort": "none", "logprobs": True, "top_logprobs": 2}, m, "chat")
+    assert payload[1]["tool_calls"] == [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}, "id": "call_1"}]
+    assert payload[2] == {"role": "tool", "content": "3 C", "tool_name": "get_weather"}
+    assert (ob["think"], ob["logprobs"], ob["top_logprobs"]) == (False, True, 2)
+    assert translate({"messages": msgs[:1], "reasoning": {"effort": "xhigh"}}, m, "chat")[0]["think"] == "max"
+    ob, _, _ = translate({"prompt": "x", "logprobs": 3}, m, "completion")
+    assert (ob["logprobs"], ob["top_logprobs"]) == (True, 3)
+    for body, kind, words in (({"messages": msgs[:1], "reasoning_effort": "extreme"}, "chat", "invalid reasoning value"),
+                              ({"messages": msgs[:1], "n": 2}, "chat", "n (more than one choice)"),
+                              ({"messages": msgs[:1], "tool_choice": "required"}, "chat", "tool_choice"),
+                              ({"messages": msgs[:1], "logit_bias": {"1": 5}}, "chat", "logit_bias"),
+                              ({"prompt": "x", "suffix": "y"}, "completion", "does not support insert (suffix)"),
+                              ({"prompt": "x", "echo": True}, "completion", "echo"),
+                              ({"prompt": "x", "best_of": 3}, "completion", "best_of")):
+        with pytest.raises(oc.APIError, match=re.escape(words)) as exc:
+            translate(body, m, kind)
+        assert exc.value.status == 400
+
+
+def test_logprob_request_checks_like_ollama():
+    from labkit.ollama_compat.inference import logprob_request
+    assert logprob_request({}) is None and logprob_request({"logprobs": True}) == 0
+    assert logprob_request({"logprobs": True, "top_logprobs": 20}) == 20
+    for body, words in (({"logprobs": True, "top_logprobs": 21}, "between 0 and 20"),
+                        ({"top_logprobs": 3}, "needs \"logprobs\": true"), ({"logprobs": "yes"}, "true or false")):
+        with pytest.raises(oc.APIError, match=re.escape(words)):
+            logprob_request(body)
+
+
+def test_responses_input_becomes_chat_messages():
+    from labkit.ollama_compat.responses import input_messages, native_body
+    body = {"model": "m", "instructions": "Be brief.", "max_output_tokens": 9, "temperature": 0,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
+                      {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                      {"type": "function_call_output", "call_id": "c1", "output": "3 C"}],
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}
+    assert input_messages(body) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "function": {"name": "get_weather",
+                                                                                     "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "3 C", "tool_name": "get_weather"}]
+    ob = native_body(body)
+    assert ob["options"] == {"temperature": 0, "num_predict": 9}
+    assert ob["tools"] == [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    for extra, words in (({"previous_response_id": "resp_1"}, "stateless"), ({"store": True}, "not stored"),
+                         ({"tools": [{"type": "web_search"}]}, "'web_search' is not supported"),
+                         ({"input": [{"type": "reasoning"}]}, "'reasoning' are not supported")):
+        with pytest.raises(oc.APIError, match=re.escape(words)):
+            native_body({**body, **extra}) if "input" not in extra else input_messages({**body, **extra})

@@ -10,10 +10,12 @@ from pathlib import Path
 from ..cancellable import ClientGone
 from ..env import free_port, is_loopback, port_is_free
 from .errors import APIError, error_response
+from .names import normalize_name
 from .scheduler import Scheduler
 from .service import Service
 from .settings import BUNDLED_NAMES, VERSION, build_parser, default_models_dir, listen_address, parse_duration, scheduler_settings
-from .store import Store
+from .store import Manifest, Store
+from .tools import SMOLLM2_TOOLS_TEMPLATE
 
 
 def endpoint(service: Service, fn, openai: bool = False):
@@ -41,7 +43,7 @@ def build_app(service: Service):
     from starlette.applications import Starlette
     from starlette.routing import Route
 
-    from . import native, openai
+    from . import native, openai, responses
 
     def route(path: str, fn, methods: list[str], openai: bool = False) -> Route:
         return Route(path, endpoint(service, fn, openai=openai), methods=methods)
@@ -65,6 +67,7 @@ def build_app(service: Service):
         route("/v1/chat/completions", openai.v1_chat, ["POST"], openai=True),
         route("/v1/completions", openai.v1_completions, ["POST"], openai=True),
         route("/v1/embeddings", openai.v1_embeddings, ["POST"], openai=True),
+        route("/v1/responses", responses.v1_responses, ["POST"], openai=True),
         route("/v1/models", openai.v1_models, ["GET"], openai=True),
         route("/v1/models/{model:path}", openai.v1_model_one, ["GET"], openai=True),
     ]
@@ -88,9 +91,25 @@ def make_service(models_dir: Path, *, model: str | None = None, name: str | None
             service.register(registered, models.get(key), overwrite=True)
         except Exception as exc:  # noqa: BLE001  (a missing optional package: say so, keep serving)
             print(f"note: bundled model {key!r} not registered ({exc})", flush=True)
+    register_tools_variant(service)
     if model:
         service.register(name or Path(model).stem, Path(model), overwrite=True)
     return service
+
+
+def register_tools_variant(service: Service) -> None:
+    """``smollm2-tools:135m``: the bundled SmolLM2's weights with a ChatML template that has a tools
+    section (:data:`labkit.ollama_compat.tools.SMOLLM2_TOOLS_TEMPLATE`), since its own template has
+    none. A real Ollama gets the same model from ``ollama create smollm2-tools:135m`` with that TEMPLATE."""
+    base = service.store.get(normalize_name(BUNDLED_NAMES.get("smollm2", "smollm2:135m")))
+    if base is None:
+        return
+    name = "smollm2-tools:135m"
+    existing = service.store.get(name)
+    if existing is not None and existing.path == base.path and existing.template == SMOLLM2_TOOLS_TEMPLATE:
+        return
+    service.store.put(Manifest(name=name, kind="gguf", path=base.path, parent=base.name,
+                               template=SMOLLM2_TOOLS_TEMPLATE, builtin=True))
 
 
 def main(argv: list[str] | None = None) -> int:

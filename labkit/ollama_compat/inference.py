@@ -14,6 +14,7 @@ from .names import now_rfc3339
 from .service import Service
 from .settings import parse_duration
 from .store import Manifest
+from .tools import ToolCallParser, call_objects, normalize_tools
 
 
 def prepare(service: Service, body: dict, manifest: Manifest) -> tuple[dict, Any, float]:
@@ -22,7 +23,7 @@ def prepare(service: Service, body: dict, manifest: Manifest) -> tuple[dict, Any
         raise APIError(400, f"\"{manifest.name}\" does not support generate")
     if body.get("images") or any(isinstance(x, dict) and x.get("images") for x in body.get("messages") or []):
         raise APIError(400, f"\"{manifest.name}\" does not support images (it is a text-only model)")
-    if body.get("tools"):
+    if body.get("tools") and not service.supports_tools(manifest):
         raise APIError(400, f"\"{manifest.name}\" does not support tools")
     if body.get("think") not in (None, False):
         raise APIError(400, f"\"{manifest.name}\" does not support thinking")
@@ -32,32 +33,46 @@ def prepare(service: Service, body: dict, manifest: Manifest) -> tuple[dict, Any
     return opts, grammar, keep_alive
 
 
+def logprob_request(body: dict) -> int | None:
+    """How many alternatives a request wants per token (``top_logprobs``), or None without ``logprobs``."""
+    want, top = body.get("logprobs"), body.get("top_logprobs")
+    if want not in (None, True, False):
+        raise APIError(400, "logprobs must be true or false")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise APIError(400, "top_logprobs must be between 0 and 20")
+    if top and not want:
+        raise APIError(400, "top_logprobs needs \"logprobs\": true (it is the number of alternatives per "
+                            "returned token)")
+    return int(top or 0) if want else None
+
+
 def generation(service: Service, kind: str, body: dict, manifest: Manifest, t0: int,
                messages_or_prompt) -> Iterator[dict]:
     """Generate for ``/api/generate`` (``kind="generate"``) or ``/api/chat``: ``{"piece": text}`` items,
     then ``{"final": stats, "text": all text}``. The model is held until the generator is closed."""
     sched = service.sched
     opts, grammar, keep_alive = prepare(service, body, manifest)
+    top = logprob_request(body)
+    tools = normalize_tools(body["tools"]) if body.get("tools") else None
     lm, inst, load_ns = sched.acquire(manifest, opts)
     try:
-        if kind == "generate":
-            if body.get("raw"):
-                text = messages_or_prompt
-            else:
-                system = body.get("system") if body.get("system") is not None else manifest.system
-                msgs = ([{"role": "system", "content": system}] if system else []) + \
-                    [{"role": "user", "content": messages_or_prompt}]
-                text = service.build_prompt(lm, inst, msgs, body.get("template") or manifest.template)
-        else:
-            text = service.build_prompt(lm, inst, messages_or_prompt, manifest.template)
-        tokens = inst.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        if kind == "generate" and isinstance(body.get("context"), list) and body["context"]:
-            tokens = [int(t) for t in body["context"]] + tokens
+        tokens = _prompt_tokens(service, kind, body, manifest, lm, inst, messages_or_prompt, tools)
+        parser = ToolCallParser(service.tool_tag(manifest), [t["function"]["name"] for t in tools]) if tools else None
         stats: dict = {}
-        pieces = []
-        for piece in service.run(inst, tokens, opts, grammar, stats):
-            pieces.append(piece)
-            yield {"piece": piece}
+        pieces, calls, logprobs = [], [], []
+        run_args = {"top_logprobs": top} if top is not None else {}
+        for piece in service.run(inst, tokens, opts, grammar, stats, **run_args):
+            item = _item(piece, parser, stats, calls)
+            if item:
+                pieces.append(item.get("piece", ""))
+                logprobs.extend(item.get("logprobs", []))
+                yield item
+        found, rest = parser.finish() if parser else ([], "")
+        item = _item(rest, None, stats, calls, found)
+        if item:
+            pieces.append(item.get("piece", ""))
+            logprobs.extend(item.get("logprobs", []))
+            yield item
         final = {"done_reason": stats["done_reason"],
                  "total_duration": time.perf_counter_ns() - t0, "load_duration": load_ns,
                  "prompt_eval_count": stats["prompt_eval_count"],
@@ -65,9 +80,50 @@ def generation(service: Service, kind: str, body: dict, manifest: Manifest, t0: 
                  "eval_count": stats["eval_count"], "eval_duration": stats["eval_duration"]}
         if kind == "generate" and not body.get("raw"):
             final["context"] = stats["context"]
-        yield {"final": final, "text": "".join(pieces)}
+        out = {"final": final, "text": "".join(pieces)}
+        if calls:
+            out["tool_calls"] = calls
+        if top is not None:
+            out["logprobs"] = logprobs
+        yield out
     finally:
         sched.release(lm, inst, keep_alive)
+
+
+def _prompt_tokens(service: Service, kind: str, body: dict, manifest: Manifest, lm, inst, messages_or_prompt,
+                   tools: list | None) -> list[int]:
+    """The prompt's tokens: raw, or through the template (with the request's tools), after any ``context``."""
+    if kind == "generate":
+        if body.get("raw"):
+            text = messages_or_prompt
+        else:
+            system = body.get("system") if body.get("system") is not None else manifest.system
+            msgs = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": messages_or_prompt}]
+            text = service.build_prompt(lm, inst, msgs, body.get("template") or manifest.template)
+    else:
+        text = service.build_prompt(lm, inst, messages_or_prompt, manifest.template, tools)
+    tokens = inst.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+    if kind == "generate" and isinstance(body.get("context"), list) and body["context"]:
+        tokens = [int(t) for t in body["context"]] + tokens
+    return tokens
+
+
+def _item(piece: str, parser: ToolCallParser | None, stats: dict, calls: list, found: list | None = None) -> dict:
+    """One streamed item: ``piece`` (content), ``tool_calls`` parsed so far, ``logprobs`` of its tokens."""
+    found = list(found or [])
+    if parser is not None:
+        more, piece = parser.add(piece)
+        found += more
+    item: dict = {}
+    if piece:
+        item["piece"] = piece
+    if found:
+        item["tool_calls"] = call_objects(found, start=len(calls))
+        calls.extend(item["tool_calls"])
+    if stats.get("logprobs"):
+        item["logprobs"] = stats.pop("logprobs")
+    return item
 
 
 def load_or_unload(service: Service, kind: str, body: dict, manifest: Manifest) -> dict:

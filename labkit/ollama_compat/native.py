@@ -27,6 +27,7 @@ from .names import normalize_name, now_rfc3339
 from .service import Service
 from .settings import VERSION
 from .store import Manifest
+from .tools import normalize_tool_calls
 
 
 async def body_of(request: Request) -> dict:
@@ -64,27 +65,28 @@ def ndjson(gen: Iterator[dict], closes: tuple[Iterator, ...] = ()) -> StreamingR
 
 def shaped(kind: str, name: str, chunk: dict, streamed: bool) -> dict:
     """A :func:`generation` item as Ollama's generate/chat object (a final one carries the stats)."""
-    if "piece" in chunk:
-        base = {"model": name, "created_at": now_rfc3339()}
-        if kind == "generate":
-            base["response"] = chunk["piece"]
-        else:
-            base["message"] = {"role": "assistant", "content": chunk["piece"]}
-        base["done"] = False
-        return base
-    text = "" if streamed else chunk["text"]
+    final = "final" in chunk
+    text = ("" if streamed else chunk["text"]) if final else chunk.get("piece", "")
     out = {"model": name, "created_at": now_rfc3339()}
     if kind == "generate":
         out["response"] = text
     else:
         out["message"] = {"role": "assistant", "content": text}
-    out["done"] = True
+        if chunk.get("tool_calls") and not (final and streamed):
+            out["message"]["tool_calls"] = chunk["tool_calls"]
+    out["done"] = final
+    if not final:
+        if chunk.get("logprobs"):
+            out["logprobs"] = chunk["logprobs"]
+        return out
     out.update(chunk["final"])
     if kind == "generate" and "context" in out:      # documented order: context after done
         ctx = out.pop("context")
         out = {**{k: out[k] for k in ("model", "created_at", "response", "done", "done_reason")},
                "context": ctx, **{k: v for k, v in out.items() if k not in
                                    ("model", "created_at", "response", "done", "done_reason")}}
+    if "logprobs" in chunk and not streamed:
+        out["logprobs"] = chunk["logprobs"]
     return out
 
 
@@ -139,19 +141,31 @@ async def chat(service: Service, request: Request, t0: int):
         raise APIError(400, "messages must be a list of {\"role\": ..., \"content\": ...} objects")
     if not messages:
         return JSONResponse(await run_in_threadpool(load_or_unload, service, "chat", body, manifest))
-    clean = []
-    for x in messages:
-        role = x.get("role")
-        if role not in ("system", "user", "assistant", "tool"):
-            raise APIError(400, f"invalid message role {role!r}: use system, user, assistant or tool")
-        content = x.get("content") or ""
-        if not isinstance(content, str):
-            raise APIError(400, "message content must be a string")
-        clean.append({"role": role, "content": content})
+    clean = [chat_message(x, i) for i, x in enumerate(messages)]
     history = list(manifest.messages)
     if manifest.system and not any(x["role"] == "system" for x in clean + history):
         history = [{"role": "system", "content": manifest.system}] + history
     return await respond(service, request, "chat", body, manifest, t0, history + clean)
+
+
+def chat_message(x: dict, i: int) -> dict:
+    """A checked ``/api/chat`` message: role, content, and the tool fields (``tool_calls`` of an
+    assistant, ``tool_name`` of a tool result) that the template renders."""
+    role = x.get("role")
+    if role not in ("system", "user", "assistant", "tool"):
+        raise APIError(400, f"invalid message role {role!r}: use system, user, assistant or tool")
+    content = x.get("content") or ""
+    if not isinstance(content, str):
+        raise APIError(400, "message content must be a string")
+    msg = {"role": role, "content": content}
+    if x.get("tool_calls"):
+        msg["tool_calls"] = normalize_tool_calls(x["tool_calls"], f"messages[{i}]")
+    if x.get("tool_name"):
+        msg["tool_name"] = str(x["tool_name"])
+    if x.get("thinking"):
+        raise APIError(400, f"messages[{i}].thinking: this model does not support thinking, so its template "
+                            "cannot show a thinking trace; drop the field or put the text in content")
+    return msg
 
 
 async def embed(service: Service, request: Request, t0: int):

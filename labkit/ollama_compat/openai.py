@@ -24,14 +24,17 @@ from .inference import embed_vectors, generation
 from .native import body_of
 from .service import Service
 from .store import Manifest
+from .tools import normalize_tool_calls
 
 
 def oai_messages(raw: Any) -> list[dict]:
-    """OpenAI chat messages as Ollama's: text content parts joined, ``developer`` read as ``system``."""
+    """OpenAI chat messages as Ollama's: text content parts joined, ``developer`` read as ``system``,
+    assistant ``tool_calls`` (arguments as JSON strings) as objects, a ``tool`` message's
+    ``tool_call_id`` resolved to the name of the function it answers (as Ollama's middleware does)."""
     if not isinstance(raw, list) or not raw:
         raise APIError(400, "messages must be a non-empty list")
-    out = []
-    for x in raw:
+    out, names = [], {}
+    for i, x in enumerate(raw):
         if not isinstance(x, dict):
             raise APIError(400, "each message must be an object")
         content = x.get("content") or ""
@@ -46,8 +49,54 @@ def oai_messages(raw: Any) -> list[dict]:
         role = x.get("role")
         if role == "developer":
             role = "system"
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if x.get("tool_calls"):
+            msg["tool_calls"] = normalize_tool_calls(x["tool_calls"], f"messages[{i}]")
+            names.update({c["id"]: c["function"]["name"] for c in msg["tool_calls"] if c.get("id")})
+        if role == "tool":
+            name = x.get("name") or names.get(x.get("tool_call_id"))
+            if name:
+                msg["tool_name"] = name
+        if x.get("reasoning"):
+            raise APIError(400, f"messages[{i}].reasoning: this model does not support thinking")
+        out.append(msg)
     return out
+
+
+REFUSED = {   # documented OpenAI fields that Ollama lists as unsupported: refused, never silently ignored
+    "chat": {"logit_bias": "logit_bias", "n": "n (more than one choice)",
+             "tool_choice": "tool_choice other than \"auto\" or \"none\""},
+    "completion": {"logit_bias": "logit_bias", "n": "n (more than one choice)", "best_of": "best_of",
+                   "echo": "echo"},
+}
+
+
+def refuse_unsupported(body: dict, kind: str) -> None:
+    """400 naming a documented-but-unsupported field that would change the answer."""
+    for key, label in REFUSED[kind].items():
+        value = body.get(key)
+        if value in (None, {}, False) or (key in ("n", "best_of") and value == 1):
+            continue
+        if key == "tool_choice" and value in ("auto", "none"):
+            continue
+        raise APIError(400, f"{label} is not supported by Ollama's OpenAI compatibility (nor by labkit's "
+                            f"stand-in); remove \"{key}\" from the request")
+
+
+def reasoning_think(body: dict) -> Any:
+    """``reasoning_effort`` / ``reasoning.effort`` as Ollama's ``think`` value (Ollama's mapping: none →
+    false, minimal → low, xhigh/ultra → max); None when neither is set."""
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+    effort = effort if effort is not None else body.get("reasoning_effort")
+    if effort in (None, ""):
+        return None
+    mapping = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high", "max": "max",
+               "xhigh": "max", "ultra": "max"}
+    if effort not in mapping:
+        raise APIError(400, f"invalid reasoning value: {effort!r} (must be \"minimal\", \"low\", \"medium\", "
+                            "\"high\", \"xhigh\", \"ultra\", \"max\", or \"none\")")
+    return mapping[effort]
 
 
 def oai_body(body: dict, fmt_key: str = "response_format") -> dict:
@@ -70,7 +119,7 @@ def oai_body(body: dict, fmt_key: str = "response_format") -> dict:
             out["format"] = "json"
         elif rf.get("type") == "json_schema":
             out["format"] = (rf.get("json_schema") or {}).get("schema") or "json"
-    if body.get("tools"):
+    if body.get("tools") and body.get("tool_choice") != "none":
         out["tools"] = body["tools"]
     return out
 
@@ -79,11 +128,17 @@ def translate(body: dict, manifest: Manifest, kind: str) -> tuple[dict, str, Any
     """An OpenAI chat (``kind="chat"``) or completion request as a native one:
     (Ollama body, ``"chat"`` or ``"generate"``, messages or raw prompt)."""
     ob = oai_body(body)
+    refuse_unsupported(body, kind)
     if kind == "chat":
         payload = oai_messages(body.get("messages"))
         if manifest.system and not any(x["role"] == "system" for x in payload):
             payload = [{"role": "system", "content": manifest.system}] + list(manifest.messages) + payload
         gkind = "chat"
+        think = reasoning_think(body)
+        if think is not None:
+            ob["think"] = think
+        if body.get("logprobs") is not None or body.get("top_logprobs") is not None:
+            ob["logprobs"], ob["top_logprobs"] = body.get("logprobs"), body.get("top_logprobs")
     else:
         prompt = body.get("prompt", "")
         if isinstance(prompt, list):
@@ -92,6 +147,13 @@ def translate(body: dict, manifest: Manifest, kind: str) -> tuple[dict, str, Any
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise APIError(400, "prompt must be a string")
+        if body.get("suffix"):
+            raise APIError(400, f"\"{manifest.name}\" does not support insert (suffix)")
+        n = body.get("logprobs")
+        if n is not None and n is not False:        # legacy completions: logprobs is the number of alternatives
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 20:
+                raise APIError(400, "logprobs must be an integer between 0 and 20 for /v1/completions")
+            ob["logprobs"], ob["top_logprobs"] = True, n
         ob["raw"] = True
         payload = prompt
         gkind = "generate"
@@ -105,37 +167,71 @@ def usage(final: dict) -> dict:
             "total_tokens": final["prompt_eval_count"] + final["eval_count"]}
 
 
-def finish(final: dict) -> str:
-    return "length" if final["done_reason"] == "length" else "stop"
+def finish(final: dict, tool_calls: bool = False) -> str:
+    if final["done_reason"] == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
+
+
+def oai_tool_calls(calls: list[dict]) -> list[dict]:
+    """Ollama's ``tool_calls`` as OpenAI's (arguments as a JSON string)."""
+    return [{"id": c["id"], "index": c["function"]["index"], "type": "function",
+             "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"])}}
+            for c in calls]
+
+
+def choice_logprobs(kind: str, entries: list[dict], offset: int = 0) -> dict:
+    """Ollama's logprob entries as OpenAI's: ``{"content": [...]}`` for chat (the same fields), the
+    legacy ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset`` lists for completions."""
+    if kind == "chat":
+        return {"content": [{**e, "top_logprobs": e.get("top_logprobs", [])} for e in entries]}
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in entries],
+            "text_offset": offsets}
+
+
+def chunk_choice(kind: str, chunk: dict, offset: int) -> dict:
+    """The choice of one streamed chunk: a content (or text) delta, tool calls, logprobs."""
+    if kind == "chat":
+        delta: dict = {"content": chunk.get("piece", "")}
+        if chunk.get("tool_calls"):
+            delta["tool_calls"] = oai_tool_calls(chunk["tool_calls"])
+        choice = {"index": 0, "delta": delta, "finish_reason": None}
+    else:
+        choice = {"index": 0, "text": chunk.get("piece", ""), "finish_reason": None}
+    if "logprobs" in chunk:
+        choice["logprobs"] = choice_logprobs(kind, chunk["logprobs"], offset)
+    return choice
 
 
 def events(kind: str, cid: str, created: int, obj: str, model: str, include_usage: bool,
            first: dict | None, gen: Iterator[dict]) -> Iterator[dict]:
     """The streamed chunks of a completion: ``first`` and the rest of ``gen``, as OpenAI's objects
     (a role-only chunk first for chat, a usage chunk last if asked); an error is a last chunk."""
+    head = {"id": cid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created, "model": model,
+            "system_fingerprint": "fp_labkit"}
     try:
         if kind == "chat":
-            yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "system_fingerprint": "fp_labkit",
-                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                "finish_reason": None}]}
+            yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]}
         chunks = ([first] if first is not None else [])
+        offset, called = 0, False
         for chunk in _chain(chunks, gen):
-            if "piece" in chunk:
-                choice = ({"index": 0, "delta": {"content": chunk["piece"]}, "finish_reason": None}
-                          if kind == "chat" else {"index": 0, "text": chunk["piece"], "finish_reason": None})
-                yield {"id": cid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
-                       "model": model, "system_fingerprint": "fp_labkit", "choices": [choice]}
-            else:
-                final = chunk["final"]
-                choice = ({"index": 0, "delta": {}, "finish_reason": finish(final)} if kind == "chat"
-                          else {"index": 0, "text": "", "finish_reason": finish(final)})
-                yield {"id": cid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
-                       "model": model, "system_fingerprint": "fp_labkit", "choices": [choice]}
-                if include_usage:
-                    yield {"id": cid, "object": obj + (".chunk" if kind == "chat" else ""),
-                           "created": created, "model": model, "system_fingerprint": "fp_labkit",
-                           "choices": [], "usage": usage(final)}
+            if "final" not in chunk:
+                called = called or bool(chunk.get("tool_calls"))
+                yield {**head, "choices": [chunk_choice(kind, chunk, offset)]}
+                offset += len(chunk.get("piece", ""))
+                continue
+            final = chunk["final"]
+            choice = ({"index": 0, "delta": {}, "finish_reason": finish(final, called)} if kind == "chat"
+                      else {"index": 0, "text": "", "finish_reason": finish(final)})
+            yield {**head, "choices": [choice]}
+            if include_usage:
+                yield {**head, "choices": [], "usage": usage(final)}
     except APIError as exc:       # mid-stream: the status line is already sent
         yield error_body(500, exc.message, openai=True)
     except Exception as exc:  # noqa: BLE001  (mid-stream: the status line is already sent)
@@ -176,9 +272,14 @@ async def oai_generate(service: Service, request: Request, t0: int, kind: str):
                        reduce=lambda chunks: chunks[-1])
     text, final = last["text"], last["final"]
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish(final)}
+        message = {"role": "assistant", "content": text}
+        if last.get("tool_calls"):
+            message["tool_calls"] = oai_tool_calls(last["tool_calls"])
+        choice = {"index": 0, "message": message, "finish_reason": finish(final, bool(last.get("tool_calls")))}
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish(final)}
+    if "logprobs" in last:
+        choice["logprobs"] = choice_logprobs(kind, last["logprobs"])
     return JSONResponse({"id": cid, "object": obj, "created": created, "model": manifest.name,
                          "system_fingerprint": "fp_labkit", "choices": [choice], "usage": usage(final)})
 

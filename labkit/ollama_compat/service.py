@@ -20,7 +20,8 @@ from .errors import APIError
 from .names import normalize_name, now_rfc3339
 from .scheduler import Loaded, Scheduler
 from .store import Manifest, Store
-from .template import render_go_template
+from .template import references, render_go_template
+from .tools import tool_tag
 
 DEFAULT_TEMPLATE = "{{ .Prompt }}"   # what Ollama gives a model imported without a template
 
@@ -45,6 +46,27 @@ def ftype_names() -> dict[int, str]:
     for attr in dir(llama_cpp):
         if attr.startswith("LLAMA_FTYPE_") and attr != "LLAMA_FTYPE_GUESSED":
             out[getattr(llama_cpp, attr)] = attr.replace("LLAMA_FTYPE_MOSTLY_", "").replace("LLAMA_FTYPE_ALL_", "")
+    return out
+
+
+def token_logprobs(inst, token: int, top: int) -> dict:
+    """Ollama's logprob entry for ``token``, just sampled by ``inst``: its text, log-probability and
+    bytes, and the ``top`` most likely tokens at that position. Log-probabilities are the model's
+    own (log-softmax of the raw logits, before temperature and other samplers), as Ollama reports them."""
+    import llama_cpp
+    import numpy as np
+    n_vocab = inst.n_vocab()
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(inst._ctx.ctx, -1), shape=(n_vocab,))
+    logprobs = inst.logits_to_logprobs(logits.astype(np.float32))
+
+    def entry(t: int) -> dict:
+        raw = inst.detokenize([int(t)])
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(logprobs[t]), "bytes": list(raw)}
+
+    out = entry(token)
+    if top > 0:
+        best = np.argpartition(-logprobs, top)[:top]
+        out["top_logprobs"] = [entry(t) for t in best[np.argsort(-logprobs[best], kind="stable")]]
     return out
 
 
@@ -118,7 +140,25 @@ class Service:
                 f"{arch}.context_length": cfg.get("max_position_embeddings")}
 
     def capabilities(self, m: Manifest) -> list[str]:
-        return ["completion"] if m.kind == "gguf" else ["embedding"]
+        """Ollama's rule: a model completes text; it calls tools when its template uses ``.Tools``
+        (for a GGUF's own Jinja template: when it mentions ``tools``)."""
+        if m.kind != "gguf":
+            return ["embedding"]
+        caps = ["completion"]
+        if self.supports_tools(m):
+            caps.append("tools")
+        return caps
+
+    def supports_tools(self, m: Manifest) -> bool:
+        if m.kind != "gguf":
+            return False
+        if m.template is not None:
+            return references(m.template, "Tools")
+        return "tools" in self.chat_template(m)
+
+    def tool_tag(self, m: Manifest) -> str:
+        """What marks a tool call in this model's output (:func:`labkit.ollama_compat.tools.tool_tag`)."""
+        return tool_tag(self.chat_template(m), jinja=m.template is None)
 
     def chat_template(self, m: Manifest) -> str:
         if m.template is not None:
@@ -182,29 +222,68 @@ class Service:
             lm.formatter = Jinja2ChatFormatter(template=tmpl, eos_token=eos, bos_token=bos)
         return lm.formatter
 
-    def build_prompt(self, lm: Loaded, inst, messages: list[dict], template: str | None) -> str:
+    def build_prompt(self, lm: Loaded, inst, messages: list[dict], template: str | None,
+                     tools: list[dict] | None = None) -> str:
+        """The prompt for ``messages`` (dicts with role, content and maybe tool_calls, tool_name) and
+        ``tools``: through a Modelfile TEMPLATE (Go), else the GGUF's own Jinja chat template."""
         if not template and not inst.metadata.get("tokenizer.chat_template"):
             # Ollama's default for a model with no template (docs/template.md): user input verbatim.
             template = DEFAULT_TEMPLATE
-        if template:
+        if template and references(template, "Messages"):
             system = "\n".join(x["content"] for x in messages if x["role"] == "system")
-            turns = [x for x in messages if x["role"] != "system"]
-            out, first = [], True
-            for i, msg in enumerate(turns):
-                if msg["role"] != "user":
-                    continue
-                reply = turns[i + 1]["content"] if i + 1 < len(turns) and turns[i + 1]["role"] == "assistant" else None
-                values = {"System": system if first else "", "Prompt": msg["content"], "Response": reply or ""}
-                out.append(render_go_template(template, values, stop_at_response=reply is None))
-                first = False
-            if not out:
-                out.append(render_go_template(template, {"System": system, "Prompt": "", "Response": ""}))
-            return "".join(out)
-        return self._formatter(lm, inst)(messages=messages).prompt
+            values = {"System": system, "Messages": [x for x in messages if x["role"] != "system"],
+                      "Tools": tools or [], "Prompt": "", "Response": ""}
+            return render_go_template(template, values)
+        if template:
+            return self._classic_prompt(messages, template)
+        jinja = str(inst.metadata.get("tokenizer.chat_template"))
+        if any(x.get("tool_calls") for x in messages) and "tool_calls" not in jinja:
+            raise APIError(400, f"{lm.name}'s chat template cannot show an assistant message's tool_calls (it "
+                                "would drop them from the prompt); send the calls as content, or use a model "
+                                "whose template supports tools (\"tools\" in /api/show capabilities)")
+        oai = [self._jinja_message(x) for x in messages]
+        return self._formatter(lm, inst)(messages=oai, tools=tools or None).prompt
+
+    @staticmethod
+    def _jinja_message(x: dict) -> dict:
+        """A message as Hugging Face chat templates expect it (tool-call arguments as objects)."""
+        out = {"role": x["role"], "content": x["content"]}
+        if x.get("tool_calls"):
+            out["tool_calls"] = [{"type": "function", **c} for c in x["tool_calls"]]
+        if x.get("tool_name"):
+            out["name"] = x["tool_name"]
+        return out
+
+    @staticmethod
+    def _classic_prompt(messages: list[dict], template: str) -> str:
+        """A ``.System``/``.Prompt``/``.Response`` template, rendered turn by turn as Ollama does."""
+        if any(x["role"] == "tool" or x.get("tool_calls") for x in messages):
+            raise APIError(400, "this model's TEMPLATE only has .System, .Prompt and .Response, so it cannot show "
+                                "tool calls or role \"tool\" messages (they would be dropped from the prompt); "
+                                "use a template that ranges over .Messages, or send them as user/assistant text")
+        system = "\n".join(x["content"] for x in messages if x["role"] == "system")
+        turns = [x for x in messages if x["role"] != "system"]
+        out, first = [], True
+        for i, msg in enumerate(turns):
+            if msg["role"] != "user":
+                continue
+            reply = turns[i + 1]["content"] if i + 1 < len(turns) and turns[i + 1]["role"] == "assistant" else None
+            values = {"System": system if first else "", "Prompt": msg["content"], "Response": reply or ""}
+            out.append(render_go_template(template, values, stop_at_response=reply is None))
+            first = False
+        if not out:
+            out.append(render_go_template(template, {"System": system, "Prompt": "", "Response": ""}))
+        return "".join(out)
 
     # ---------------------------------------------------------------- generation core
-    def run(self, inst, tokens: list[int], opts: dict, grammar, stats: dict) -> Iterator[str]:
-        """Yield text pieces; fill ``stats`` with counts, durations (ns) and done_reason."""
+    def run(self, inst, tokens: list[int], opts: dict, grammar, stats: dict,
+            top_logprobs: int | None = None) -> Iterator[str]:
+        """Yield text pieces; fill ``stats`` with counts, durations (ns) and done_reason.
+
+        With ``top_logprobs`` (0-20) set, each generated token's log-probability (and that many
+        alternatives) is appended to ``stats["logprobs"]`` before the piece holding its text is
+        yielded; the caller takes them from there. A token whose text never reaches the reply (the
+        end of a stop string) has none."""
         import llama_cpp
         n_ctx = inst.n_ctx()
         limit = int(opts.get("num_predict", -1))
@@ -244,12 +323,16 @@ class Service:
                     stats["done_reason"] = "stop"
                     break
                 stats["eval_count"] += 1
+                if top_logprobs is not None:
+                    stats.setdefault("logprobs", []).append(token_logprobs(inst, tok, top_logprobs))
                 piece = decoder.decode(inst.detokenize([tok], prev_tokens=history[-8:]))
                 history.append(tok)
                 pending += piece
                 hit = min(((pending.find(s), s) for s in stops if s in pending), default=None)
                 if hit:
                     out = pending[:hit[0]]
+                    if top_logprobs is not None and not out:
+                        stats["logprobs"] = []       # only the stop string: its tokens are not in the reply
                     if out:
                         yield out
                     pending = ""
