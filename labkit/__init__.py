@@ -22,7 +22,13 @@ Chapter map (where each helper is introduced):
 * 07 troubleshooting: :mod:`labkit.troubleshoot`, :mod:`labkit.doctor`, :mod:`labkit.repack`
   (weight repacking and the AMX crash).
 * 08 production: :mod:`labkit.proxy` (nginx in front of the engines, supervised like them: load
-  balancing, rate limits, API key, buffering, body size, TLS; ``nginx -t`` on any config).
+  balancing, rate limits, API key, buffering, body size, TLS; ``nginx -t`` on any config),
+  :mod:`labkit.monitoring` (a managed Prometheus), :mod:`labkit.deploy` (systemd, Dockerfile, compose and
+  Kubernetes files validated offline; HPA simulation); :class:`labkit.servers.FolderServer` (their handle).
+* 05 (Japanese documents): :mod:`labkit.japanese` (tokenizer cost, 。-aware splitting, BM25 + dense hybrid).
+* 09 integration: :mod:`labkit.mcp_server` (MCP server, ``labkit mcp``), :mod:`labkit.toolcall`,
+  :mod:`labkit.router` (health checks, retries, circuit breaker, fallback, privacy), :mod:`labkit.fault_api`.
+* 10 fine-tuning: :mod:`labkit.finetune` (LoRA data, training, memory estimate, merge, adapters).
 """
 from . import repack
 from .env import data_path
