@@ -440,11 +440,7 @@ class MCPHttpServer:
 
     def pids(self) -> list[int]:
         """The supervisor, the MCP server, and any engine it started."""
-        import psutil
-        try:
-            return [self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))]
-        except (psutil.NoSuchProcess, TypeError):
-            return []
+        return self.server.pids()
 
     def alive(self) -> bool:
         return self.server.alive()

@@ -119,6 +119,15 @@ class Server:
     def alive(self) -> bool:
         return self.process is None or self.process.poll() is None
 
+    def pids(self) -> list[int]:
+        """The supervisor and every process under it — the engine and anything it started — while
+        running; what a notebook checks is gone after ``stop()``. Empty for an attached server."""
+        import psutil
+        try:
+            return [self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))]
+        except (psutil.NoSuchProcess, TypeError, ValueError):
+            return []
+
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server and every process it started. Safe to call twice."""
         with _live_lock:
@@ -179,11 +188,7 @@ class FolderServer:
 
     def pids(self) -> list[int]:
         """The supervisor and every process under it (while running)."""
-        import psutil
-        try:
-            return [self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))]
-        except (psutil.NoSuchProcess, TypeError):
-            return []
+        return self.server.pids()
 
     def logs(self, n: int = LOG_TAIL_LINES) -> str:
         """What the program printed (its error log), last ``n`` lines."""

@@ -135,37 +135,24 @@ if [ "$VLLM_PRESENT" = 1 ]; then
     run_logged "$LOGS/kernels.log" "$vllm_env/bin/python" -m ipykernel install --prefix "$main_env" --name labkit-vllm --display-name "Python (labkit + vLLM)"
   fi
 fi
+# Debian packages the lab runs itself: apt-get them when we are root, else say what to install.
+# install_debian PACKAGE WHAT [stop]: "stop" stops the service apt starts (labkit runs its own processes).
+install_debian() {
+  local pkg=$1 what=$2 log=$LOGS/$1.log
+  command -v "$pkg" >/dev/null 2>&1 || [ -x "/usr/sbin/$pkg" ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's $pkg for $what (apt-get)"
+    apt-get install -y --no-install-recommends "$pkg" >>"$log" 2>&1 \
+      || { apt-get update >>"$log" 2>&1; run_logged "$log" apt-get install -y --no-install-recommends "$pkg"; }
+    if [ "${3:-}" = stop ] && command -v service >/dev/null 2>&1; then service "$pkg" stop >>"$log" 2>&1 || true; fi
+  else
+    echo "setup: $pkg is not installed; $what needs it (sudo apt-get install $pkg)" >&2
+  fi
+}
 # The browser test drives Debian's chromium (Playwright's own browser download is not used).
-if ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing Debian's chromium for the browser test (apt-get)"
-    apt-get install -y --no-install-recommends chromium >>"$LOGS/chromium.log" 2>&1 \
-      || { apt-get update >>"$LOGS/chromium.log" 2>&1; run_logged "$LOGS/chromium.log" apt-get install -y --no-install-recommends chromium; }
-  else
-    echo "setup: chromium is not installed; the browser test needs it (sudo apt-get install chromium)" >&2
-  fi
-fi
-# Chapter 08 puts Debian's nginx in front of the engines. labkit runs its own nginx processes from a
-# temporary folder (labkit.proxy), so the package's system service is not wanted: stop it if apt started it.
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing Debian's nginx for chapter 08 (apt-get)"
-    apt-get install -y --no-install-recommends nginx >>"$LOGS/nginx.log" 2>&1 \
-      || { apt-get update >>"$LOGS/nginx.log" 2>&1; run_logged "$LOGS/nginx.log" apt-get install -y --no-install-recommends nginx; }
-    if command -v service >/dev/null 2>&1; then service nginx stop >>"$LOGS/nginx.log" 2>&1 || true; fi
-  else
-    echo "setup: nginx is not installed; chapter 08 needs it (sudo apt-get install nginx)" >&2
-  fi
-fi
-# Chapter 08's monitoring runs Debian's Prometheus the same way (labkit.monitoring), so its service is stopped too.
-if ! command -v prometheus >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing Debian's prometheus for chapter 08 (apt-get)"
-    apt-get install -y --no-install-recommends prometheus >>"$LOGS/prometheus.log" 2>&1 \
-      || { apt-get update >>"$LOGS/prometheus.log" 2>&1; run_logged "$LOGS/prometheus.log" apt-get install -y --no-install-recommends prometheus; }
-    if command -v service >/dev/null 2>&1; then service prometheus stop >>"$LOGS/prometheus.log" 2>&1 || true; fi
-  else
-    echo "setup: prometheus is not installed; chapter 08's monitoring needs it (sudo apt-get install prometheus)" >&2
-  fi
-fi
+install_debian chromium "the browser test"
+# Chapter 08 puts nginx in front of the engines and Prometheus behind them; labkit runs both from temporary
+# folders (labkit.proxy, labkit.monitoring), so the packages' system services are not wanted.
+install_debian nginx "chapter 08" stop
+install_debian prometheus "chapter 08's monitoring" stop
 echo "setup: ready (.venv -> $(readlink .venv), .venv-vllm -> $(readlink .venv-vllm || echo "not built: vLLM needs Python >= 3.11"))"

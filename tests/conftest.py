@@ -10,6 +10,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 NOTEBOOK_RESULTS = []   # filled by test_notebooks.py, printed as a table at the end
 
 
+def installed_or_skip(find, required: bool, what: str):
+    """``find()``'s result (a program's path); where it is not installed, a skip — or a failure when
+    ``required`` (CI, or the LABKIT_REQUIRE_* switch of :mod:`labkit.notebook`)."""
+    from labkit.errors import EngineNotInstalledError
+    try:
+        return find()
+    except EngineNotInstalledError as exc:
+        if required:
+            pytest.fail(f"CI requires {what}: {exc}")
+        pytest.skip(f"{what} is not installed: {exc}")
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     from labkit import models

@@ -200,9 +200,6 @@ def test_settings_refuse_nonsense():
 
 
 # ----------------------------------------------------------------------------- end to end, real engines
-@pytest.mark.xfail(reason="KNOWN DEFECT, open: on the lead's last run this 8-step adapter, as GGUF, left "
-                          "llama.cpp's logits exactly unchanged (max diff 0.0), while chapter 10's adapter changes "
-                          "every answer; to investigate (adapter_to_gguf outtype, lora_path)", strict=False)
 def test_tiny_lora_trains_and_round_trips_through_llama_cpp(tmp_path):
     """A few real steps on SmolLM2: the loss falls; the adapter converts to GGUF, llama.cpp applies it
     (the next-token logits change) and leaves the base alone without it."""
@@ -226,11 +223,13 @@ def test_tiny_lora_trains_and_round_trips_through_llama_cpp(tmp_path):
     if hasattr(gguf, "check_lora_adapter"):
         assert gguf.check_lora_adapter(gguf_adapter, models.get("smollm2"))["rank"] == 4
 
+    llm, _ = llamacpp.load(models.get("smollm2"), n_ctx=256)
+    tokens = llm.tokenize(b"Question: How many pins make one kelvane mark?\nShort answer:")
+
     def next_logits(**params):
-        llm, _ = llamacpp.load(models.get("smollm2"), n_ctx=256, **params)
-        tokens = llm.tokenize(b"Question: How many pins make one kelvane mark?\nShort answer:")
-        llm.eval(tokens)
-        return np.array(llm.scores[len(tokens) - 1])
+        # llamacpp.all_logits loads with logits_all=True: without it llama-cpp-python keeps no logits
+        # in .scores (they stay zero), and every comparison of them would be equal
+        return llamacpp.all_logits(models.get("smollm2"), tokens, n_ctx=256, **params)[-1]
 
     plain, tuned, plain_again = next_logits(), next_logits(lora_path=str(gguf_adapter)), next_logits()
     assert np.abs(tuned - plain).max() > 1e-2

@@ -8,21 +8,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 import pytest
+from conftest import installed_or_skip
 
 from labkit import monitoring
 from labkit.env import free_port
-from labkit.errors import EngineNotInstalledError
 from labkit.notebook import prometheus_required
 
 
 @pytest.fixture(scope="module")
 def prometheus():
-    try:
-        return monitoring.prometheus_binary()
-    except EngineNotInstalledError as exc:
-        if prometheus_required():
-            pytest.fail(f"CI requires Prometheus: {exc}")
-        pytest.skip(f"Prometheus is not installed: {exc}")
+    return installed_or_skip(monitoring.prometheus_binary, prometheus_required(), "Prometheus")
 
 
 class Exporter(BaseHTTPRequestHandler):

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from conftest import installed_or_skip
 
 from labkit import proxy
 from labkit.env import free_port, port_is_free
@@ -25,12 +26,7 @@ from labkit.notebook import nginx_required
 
 @pytest.fixture(scope="module")
 def nginx():
-    try:
-        return proxy.nginx_binary()
-    except EngineNotInstalledError as exc:
-        if nginx_required():
-            pytest.fail(f"CI requires nginx: {exc}")
-        pytest.skip(f"nginx is not installed: {exc}")
+    return installed_or_skip(proxy.nginx_binary, nginx_required(), "nginx")
 
 
 # --------------------------------------------------------------------------- a backend in a thread
