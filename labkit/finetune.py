@@ -688,17 +688,11 @@ def merge_adapter(base_folder, adapter_dir, out_dir) -> Path:
 
 
 def adapter_to_gguf(adapter_dir, base_folder, outfile, outtype: str = "f32", timeout: float = 600) -> Path:
-    """``convert_lora_to_gguf.py ADAPTER --base BASE --outfile OUT``: a PEFT adapter to llama.cpp's
-    LoRA GGUF. ``--base`` names the HF folder of the base (its config; no download)."""
-    from .llama_tools import converter
+    """A checked PEFT adapter (:func:`check_adapter`) to llama.cpp's LoRA GGUF, through
+    ``convert_lora_to_gguf.py`` (:func:`labkit.llama_tools.convert_lora`)."""
+    from .llama_tools import convert_lora
     check_adapter(adapter_dir, base_folder)
-    argv, env = converter("convert_lora_to_gguf.py")
-    out = subprocess.run([*argv, str(adapter_dir), "--base", str(base_folder), "--outfile", str(outfile),
-                          "--outtype", outtype], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **env, "HF_HUB_OFFLINE": "1"}, check=False)
-    if out.returncode != 0 or not Path(outfile).exists():
-        raise RuntimeError(f"convert_lora_to_gguf.py failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    return Path(outfile)
+    return convert_lora(adapter_dir, base_folder, outfile, outtype, timeout)
 
 
 def _main(argv: list[str]) -> int:

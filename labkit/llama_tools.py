@@ -125,6 +125,19 @@ def convert_hf(folder, outfile, outtype: str = "f16", timeout: float = 900) -> P
     return Path(outfile)
 
 
+def convert_lora(adapter_dir, base_folder, outfile, outtype: str = "f32", timeout: float = 600) -> Path:
+    """``convert_lora_to_gguf.py ADAPTER_DIR --base BASE_HF_DIR --outtype OUTTYPE --outfile OUTFILE``: a
+    PEFT LoRA adapter folder to llama.cpp's adapter GGUF (chapter 10). ``--base`` is read for the base's
+    config only (no download)."""
+    argv, env = converter("convert_lora_to_gguf.py")
+    out = subprocess.run([*argv, str(adapter_dir), "--base", str(base_folder), "--outfile", str(outfile),
+                          "--outtype", outtype], capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **env, "HF_HUB_OFFLINE": "1"}, check=False)
+    if out.returncode != 0 or not Path(outfile).exists():
+        raise RuntimeError(f"convert_lora_to_gguf.py failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return Path(outfile)
+
+
 def imatrix(model, text_file, outfile, *, n_ctx: int = 512, threads: int | None = None) -> Path:
     """``llama-imatrix``: run the model over calibration text and save, per weight matrix, the mean
     squared activation of each input column — how much each column's rounding error matters."""

@@ -41,7 +41,6 @@ def lora_adapter_gguf(tmp_path_factory):
     """A LoRA adapter GGUF for the bundled SmolLM2, made the way chapter 10 makes one: PEFT saves the
     adapter, llama.cpp's convert_lora_to_gguf.py converts it. Its weights are random (not the usual
     zero-initialised B), so applying it visibly changes the model's output. ~10 s."""
-    import subprocess
 
     import torch
     from peft import LoraConfig, get_peft_model
@@ -54,8 +53,5 @@ def lora_adapter_gguf(tmp_path_factory):
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(base, config).save_pretrained(out / "adapter")
-    argv, env = llama_tools.converter("convert_lora_to_gguf.py")
-    done = subprocess.run([*argv, str(out / "adapter"), "--base", str(folder), "--outfile", str(out / "adapter.gguf"),
-                           "--outtype", "f32"], capture_output=True, text=True, env={**os.environ, **env}, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
+    llama_tools.convert_lora(out / "adapter", folder, out / "adapter.gguf", "f32")
     return out / "adapter.gguf"

@@ -106,3 +106,17 @@ def test_chat_with_timings_refuses_a_server_without_timings(smollm2_path):
     with labkit.serve("ollama", smollm2_path) as srv:
         with pytest.raises(ValueError, match="no `timings`"):
             llamacpp.chat_with_timings(srv, [{"role": "user", "content": "Hi"}], max_tokens=2)
+
+
+def test_convert_lora_names_the_failure(tmp_path):
+    """A folder that is no PEFT adapter: the converter's own error comes back, nothing is written."""
+    from labkit import models
+    (tmp_path / "not-an-adapter").mkdir()
+    with pytest.raises(RuntimeError, match="convert_lora_to_gguf.py failed"):
+        llama_tools.convert_lora(tmp_path / "not-an-adapter", models.hf_folder("smollm2", dtype="float32"), tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_convert_lora_writes_an_adapter_gguf(lora_adapter_gguf, smollm2_path):
+    from labkit import gguf
+    assert gguf.check_lora_adapter(lora_adapter_gguf, smollm2_path)["rank"] == 4
