@@ -218,6 +218,29 @@ def _nginx_site(answer):
     return True, ""
 
 
+EMPLOYEE_ID_CASES = {"EMP-123456": True, "Ask ABC-654321 about it.": True, "(EMP-000001)": True,
+                     "EMP-12345": False, "XEMP-123456": False, "EMP-1234567": False, "emp-123456": False,
+                     "The meeting on 2024-05-01 is in room 12.": False, "": False}
+
+
+def _employee_id(answer):
+    """``answer``: a function text -> bool finding IDs of three capital letters, a dash and six digits."""
+    if not callable(answer):
+        return False, "pass the function itself (has_employee_id), not its result."
+    for text, expected in EMPLOYEE_ID_CASES.items():
+        try:
+            got = answer(text)
+        except Exception as exc:              # the learner's code: show what it raised
+            return False, f"it raised {type(exc).__name__}: {exc} on {text!r}."
+        if got is None:
+            return False, "it returns None: return True or False (e.g. re.search(...) is not None)."
+        if bool(got) != expected:
+            why = ("word boundaries (\\b) on both sides keep longer runs out" if expected is False
+                   else "three capital letters, a dash, six digits")
+            return False, f"{text!r} should give {expected}, got {bool(got)}: {why}."
+    return True, ""
+
+
 EXERCISES: dict[str, Exercise] = {e.id: e for e in [
     Exercise("01-q8_0", "01", "Write my_q8_0(x) returning ggml's Q8_0 bytes for a 1-D float32 array.", _q8_0),
     Exercise("01-bpw-q4k", "01", "Bits per weight of a pure Q4_K tensor, from its block layout.", _bpw_q4_k),
@@ -232,6 +255,8 @@ EXERCISES: dict[str, Exercise] = {e.id: e for e in [
     Exercise("06-decode-bound", "06", "Decode bound (tok/s) of an 8B Q4_K_M model (4.9e9 bytes) on a 1008 GB/s GPU.", _decode_bound),
     Exercise("08-nginx-site", "08", "Fix a broken nginx site: rate limit 5r/s (zone in http {}), streaming "
              "without buffering, proxy to 127.0.0.1:8080, listening on loopback; graded by nginx -t.", _nginx_site),
+    Exercise("09-employee-id", "09", "has_employee_id(text): find IDs like EMP-123456 (three capitals, a dash, six "
+             "digits) and nothing longer or shorter, for a router privacy rule.", _employee_id),
     Exercise("07-fits", "07", "Bytes the bundled SmolLM2 needs for weights + f16 KV cache at n_ctx=32768.", _fits),
 ]}
 

@@ -417,7 +417,7 @@ def missing_reason(name: str) -> str | None:
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return None
     return (f"{name} is not in the local Hugging Face cache and nothing is downloaded at run time "
-            f"(HF_HUB_OFFLINE). On a machine with internet access: huggingface-cli download {name}")
+            f"(HF_HUB_OFFLINE). On a machine with internet access: hf download {name}")
 
 
 def multilingual_embeddings(name: str, *, device: str = "cpu") -> PrefixedEmbeddings:
@@ -435,16 +435,3 @@ def multilingual_embeddings(name: str, *, device: str = "cpu") -> PrefixedEmbedd
         raise ValueError(f"{name} returned {dims}-dimensional vectors but its card says {card.dims}: "
                          "check that the cached files are the model you meant.")
     return wrapped
-
-
-def cap_answer_tokens(llm, max_tokens: int):
-    """``llm`` with a hard answer-length limit that llama-cpp-python's server honours.
-
-    ``ChatOpenAI(max_tokens=…)`` sends ``max_completion_tokens``, which llama-cpp-python's
-    OpenAI-compatible server ignores; a tiny model rambling in Japanese then fills the whole
-    context window. Sending ``max_tokens`` too (``extra_body``) caps it; ``ChatOllama`` already
-    sends its own limit (``num_predict``) and is returned unchanged.
-    """
-    if type(llm).__name__ != "ChatOpenAI":
-        return llm
-    return llm.bind(extra_body={"max_tokens": max_tokens})

@@ -39,6 +39,7 @@ Evaluation on a labelled question set (:func:`load_questions`):
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -357,16 +358,42 @@ def closed_book_prompt(system: str = CLOSED_BOOK_SYSTEM):
     return ChatPromptTemplate.from_messages([("system", system), ("human", "Question: {question}\nShort answer:")])
 
 
+@functools.cache
+def _chat_openai_for_llama_cpp():
+    """``ChatOpenAI`` that sends an assistant tool-call turn with ``content: ""`` instead of ``null``.
+
+    LangChain (like the OpenAI SDK) sends ``null``; llama-cpp-python's server answers that with
+    HTTP 500 (its schema wants a string), which breaks the second turn of every agent loop
+    (chapter 09). Other servers accept both, so only the ``llama.cpp`` engine gets this class.
+    """
+    from langchain_openai import ChatOpenAI
+
+    class ChatOpenAIForLlamaCpp(ChatOpenAI):
+        def _get_request_payload(self, input_, *, stop=None, **kwargs):
+            payload = super()._get_request_payload(input_, stop=stop, **kwargs)
+            for message in payload.get("messages", []):
+                if message.get("content") is None and message.get("tool_calls"):
+                    message["content"] = ""
+            return payload
+    return ChatOpenAIForLlamaCpp
+
+
 def chat_model(server, *, max_tokens: int = 32, temperature: float = 0.0, seed: int = 0):
     """The LangChain chat model for a :class:`labkit.Server`: ``ChatOllama`` for the ``ollama``
-    engine (Ollama's own API), ``ChatOpenAI`` on ``/v1`` for ``llama.cpp`` and ``vllm``."""
+    engine (Ollama's own API), ``ChatOpenAI`` on ``/v1`` for ``llama.cpp`` and ``vllm`` (for
+    ``llama.cpp``, the subclass that llama-cpp-python's server accepts tool-call turns from)."""
     if server.engine == "ollama":
         from langchain_ollama import ChatOllama
         return ChatOllama(base_url=server.base_url, model=server.model, temperature=temperature,
                           num_predict=max_tokens, seed=seed)
     from langchain_openai import ChatOpenAI
+    if server.engine == "llama.cpp":
+        ChatOpenAI = _chat_openai_for_llama_cpp()      # noqa: N806 (a class, chosen per engine)
+    # ChatOpenAI sends max_tokens as OpenAI's newer "max_completion_tokens", which llama-cpp-python's
+    # server ignores (it would generate up to the context size): send the classic field as well.
     return ChatOpenAI(base_url=server.base_url + "/v1", api_key=server.api_key or "none", model=server.model,
-                      temperature=temperature, max_tokens=max_tokens, seed=seed, max_retries=0)
+                      temperature=temperature, max_tokens=max_tokens, seed=seed, max_retries=0,
+                      extra_body={"max_tokens": max_tokens})
 
 
 def estimate_tokens(text: str) -> int:

@@ -133,3 +133,14 @@ def test_nginx_site_exercise_is_graded_by_nginx(capsys):
     assert not check("08-nginx-site", FIXED_SITE.replace("        limit_req zone=chat burst=10 nodelay;\n", "")) \
         and "applies it" in capsys.readouterr().out
     assert check("08-nginx-site", FIXED_SITE)
+
+
+def test_employee_id_exercise_grades_functions(capsys):
+    import re
+    assert check("09-employee-id", lambda t: re.search(r"\b[A-Z]{3}-\d{6}\b", t) is not None)
+    assert not check("09-employee-id", lambda t: re.search(r"[A-Z]{3}-\d{6}", t) is not None)   # no boundaries
+    assert "XEMP-123456" in capsys.readouterr().out
+    assert not check("09-employee-id", lambda t: None)                                        # the ... stub
+    assert "returns None" in capsys.readouterr().out
+    assert not check("09-employee-id", "EMP-123456")
+    assert "the function itself" in capsys.readouterr().out

@@ -181,7 +181,7 @@ def test_an_uncached_embedder_is_refused_with_the_reason_and_nothing_is_download
     name = "cl-nagoya/ruri-v3-310m"
     if ja.missing_reason(name) is None:
         pytest.skip(f"{name} is cached on this machine")
-    assert "huggingface-cli download" in ja.missing_reason(name)
+    assert "hf download" in ja.missing_reason(name)
     with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
         ja.multilingual_embeddings(name)
     with pytest.raises(ValueError, match="Unknown embedder"):
@@ -199,13 +199,3 @@ def test_japanese_answer_scoring():
     assert ja.score({"doc_id": None, "answer": None}, "I don't know.")
     assert ja.japanese_share("カドウ山 (Mount Caddow)") == pytest.approx(4 / 15)
 
-
-def test_cap_answer_tokens_sends_max_tokens_that_llama_cpp_honours():
-    from langchain_ollama import ChatOllama
-    from langchain_openai import ChatOpenAI
-    llm = ChatOpenAI(base_url="http://127.0.0.1:9/v1", api_key="none", model="m", max_tokens=24)
-    capped = ja.cap_answer_tokens(llm, 24)
-    payload = llm._get_request_payload([("human", "hi")], **capped.kwargs)
-    assert payload["extra_body"] == {"max_tokens": 24}
-    ollama = ChatOllama(base_url="http://127.0.0.1:9", model="m", num_predict=24)
-    assert ja.cap_answer_tokens(ollama, 24) is ollama

@@ -92,6 +92,19 @@ def test_stand_in_injects_its_schedule_in_order(stand_ins):
     assert api.chat_requests == 4 and api.requests["/health"] == 2 and api.prompts == ["Say hello."] * 4
 
 
+def test_stand_in_answers_without_a_delayed_ack_stall(stand_ins):
+    """Headers and body leave in two writes; without TCP_NODELAY each reply waited ~40 ms (Nagle
+    meeting the client's delayed ACK), which made every routing measurement 40 ms too slow."""
+    api = stand_ins("cloud")
+    seconds = []
+    with httpx.Client(timeout=5) as http:
+        for _ in range(21):
+            t0 = time.perf_counter()
+            http.post(api.base_url + "/v1/chat/completions", json={"messages": HELLO})
+            seconds.append(time.perf_counter() - t0)
+    assert sorted(seconds)[10] < 0.02, sorted(seconds)
+
+
 # --------------------------------------------------------------------------- retries
 def test_retries_back_off_and_honour_retry_after(stand_ins):
     cloud = stand_ins("cloud", ["503", "429:0.4", "ok"])

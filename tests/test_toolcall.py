@@ -4,7 +4,7 @@ import json
 import pytest
 
 import labkit
-from labkit import models, toolcall
+from labkit import models, rag, toolcall
 from labkit.toolcall import CASES, ToolCase, check_call
 
 
@@ -97,3 +97,23 @@ def test_measure_records_what_the_engine_returned():
     client = NS(chat=NS(completions=NS(create=lambda **kw: reply)))
     rows = toolcall.measure(client, "m", [ToolCase("What is 17 plus 25?", "add", {"a": 17, "b": 25})])
     assert rows[0].valid and rows[0].got == 'add({"a": 17, "b": 25})' and rows[0].seconds >= 0
+
+
+def test_a_tool_result_turn_reaches_llama_cpp_python():
+    """The second turn of an agent loop (assistant tool call with null content, then the tool's
+    result): llama-cpp-python's server answers LangChain's plain ChatOpenAI with HTTP 500, and
+    rag.chat_model's subclass (content "") gets an answer. If the first assertion starts failing,
+    upstream fixed it and the subclass can go."""
+    import openai
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+    history = [HumanMessage("What is 17 plus 25?"),
+               AIMessage(content="", tool_calls=[{"name": "add", "args": {"a": 17, "b": 25}, "id": "call_1"}]),
+               ToolMessage("42", tool_call_id="call_1")]
+    with labkit.serve("llama.cpp", "smollm2", chat_format="chatml-function-calling") as srv:
+        plain = ChatOpenAI(base_url=srv.base_url + "/v1", api_key="none", model=srv.model, max_retries=0,
+                           max_tokens=8, extra_body={"max_tokens": 8})
+        with pytest.raises(openai.InternalServerError, match="valid string"):
+            plain.invoke(history)
+        reply = rag.chat_model(srv, max_tokens=8).invoke(history)
+    assert isinstance(reply.content, str) and reply.response_metadata["finish_reason"] in ("stop", "length")
