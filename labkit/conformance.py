@@ -1,0 +1,158 @@
+"""The OpenAI requests real clients send, probed against a server (chapter 03).
+
+"OpenAI-compatible" covers a range. LangChain's ``ChatOpenAI`` and the OpenAI SDK send fields that
+a server may refuse, ignore silently, or honour, and an application only finds out when a user
+does. :func:`probe` sends each request of :data:`PROBES` over plain HTTP and records what came
+back — the status, and whether the reply did what the field asks — so that chapter 03 can put
+llama-cpp-python's server and llama.cpp's ``llama-server`` side by side on measured rows:
+
+* ``max_completion_tokens`` — OpenAI's newer name for ``max_tokens`` (``ChatOpenAI`` sends only it);
+* ``json_schema`` — ``response_format: {"type": "json_schema", ...}`` (``with_structured_output``);
+* ``include_usage`` — ``stream_options: {"include_usage": true}`` (token counts of a stream);
+* ``tool history`` — the second turn of every tool loop: an assistant message with
+  ``content: null`` and ``tool_calls``, then a ``role: "tool"`` message;
+* ``tool_choice required`` — the model must call one of the tools.
+
+Outcomes: ``"honoured"`` (200 and the reply shows it), ``"ignored"`` (200, no effect: the worst
+case, silent), ``"refused 4xx"`` (a clear client error), ``"server error 5xx"`` (a validation
+problem reported as the server's fault) or ``"no response"`` (the connection closed), each with a
+short detail.
+
+>>> classify(200, True), classify(200, False), classify(400, None), classify(500, None)
+('honoured', 'ignored', 'refused 4xx', 'server error 5xx')
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+QUESTION = [{"role": "user", "content": "Name one colour. Answer in JSON."}]
+ADD_TOOL = {"type": "function", "function": {
+    "name": "add", "description": "Add two numbers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                   "required": ["a", "b"]}}}
+COLOUR_SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"],
+                 "additionalProperties": False}
+
+
+def classify(status: int, effect: bool | None) -> str:
+    """The outcome of one probe from its HTTP status and whether the field took effect."""
+    if status >= 500:
+        return "server error 5xx"
+    if status >= 400:
+        return "refused 4xx"
+    return "honoured" if effect else "ignored"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One request and how to tell that its field took effect (``check(reply) -> (effect, detail)``)."""
+
+    name: str
+    field: str
+    body: dict
+    check: Callable[[object], tuple[bool, str]]
+    stream: bool = False
+
+
+def _content(reply: dict) -> str:
+    return reply["choices"][0]["message"].get("content") or ""
+
+
+def _max_completion_tokens(reply):
+    used = reply["usage"]["completion_tokens"]
+    return used <= 3, f"{used} completion tokens for a limit of 3"
+
+
+def _json_schema(reply):
+    import jsonschema
+    text = _content(reply)
+    try:
+        jsonschema.validate(json.loads(text), COLOUR_SCHEMA)
+    except (ValueError, jsonschema.ValidationError) as exc:
+        return False, f"reply does not match the schema ({type(exc).__name__}): {text[:60]!r}"
+    return True, f"valid: {text[:60]}"
+
+
+def _include_usage(events):
+    usage = [e["usage"] for e in events if e.get("usage")]
+    return bool(usage), (f"usage chunk: {usage[-1]}" if usage else f"{len(events)} chunks, none with usage")
+
+
+def _answered(reply):
+    text = _content(reply)
+    return True, f"answered: {text[:60]!r}"
+
+
+def _tool_called(reply):
+    calls = reply["choices"][0]["message"].get("tool_calls") or []
+    return bool(calls), (f"called {calls[0]['function']['name']}" if calls else f"text instead: {_content(reply)[:50]!r}")
+
+
+TOOL_HISTORY = [{"role": "user", "content": "What is 17 plus 25?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 17, "b": 25}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+
+PROBES = [
+    Probe("max_completion_tokens", "max_completion_tokens: 3",
+          {"messages": QUESTION, "max_completion_tokens": 3}, _max_completion_tokens),
+    Probe("json_schema", 'response_format: {"type": "json_schema"}',
+          {"messages": QUESTION, "max_tokens": 40, "response_format": {
+              "type": "json_schema", "json_schema": {"name": "colour", "schema": COLOUR_SCHEMA, "strict": True}}},
+          _json_schema),
+    Probe("include_usage", 'stream_options: {"include_usage": true}',
+          {"messages": QUESTION, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}},
+          _include_usage, stream=True),
+    Probe("tool history", "assistant content: null + tool_calls, then role tool",
+          {"messages": TOOL_HISTORY, "tools": [ADD_TOOL], "max_tokens": 8}, _answered),
+    Probe("tool_choice required", 'tool_choice: "required"',
+          {"messages": [{"role": "user", "content": "What is 17 plus 25?"}], "tools": [ADD_TOOL],
+           "tool_choice": "required", "max_tokens": 40}, _tool_called),
+]
+
+
+def _send(client, url: str, probe: Probe, model: str):
+    body = {"model": model, "temperature": 0, **probe.body}
+    if not probe.stream:
+        r = client.post(url, json=body)
+        return r.status_code, (r.json() if r.status_code == 200 else r.text)
+    events = []
+    with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, r.text
+        for line in r.iter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                events.append(json.loads(line[5:]))
+    return 200, events
+
+
+def probe(server, probes: list[Probe] = PROBES, *, timeout: float = 120.0) -> list[dict]:
+    """Send every probe to ``server`` (a :class:`labkit.Server`, or anything with ``base_url`` and
+    ``model``); one row each: probe, field, status, outcome, detail."""
+    import httpx
+    url = server.base_url + "/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {server.api_key}"} if getattr(server, "api_key", None) else {}
+    rows = []
+    # a new connection per probe: a kept-alive one the server has meanwhile closed would fail the
+    # next POST with "Server disconnected" — the client's race, not the server's answer
+    with httpx.Client(timeout=timeout, headers=headers, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        for p in probes:
+            try:
+                status, reply = _send(client, url, p, server.model)
+            except httpx.TransportError as exc:
+                rows.append({"probe": p.name, "field": p.field, "status": None, "outcome": "no response",
+                             "detail": f"{type(exc).__name__}: {exc}"})
+                continue
+            if status == 200:
+                try:
+                    effect, detail = p.check(reply)
+                except (KeyError, IndexError, TypeError) as exc:      # a reply without the expected shape
+                    effect, detail = False, f"unexpected reply shape ({type(exc).__name__}: {exc})"
+            else:
+                effect, detail = None, " ".join(str(reply).split())[:120]
+            rows.append({"probe": p.name, "field": p.field, "status": status,
+                         "outcome": classify(status, effect), "detail": detail})
+    return rows
