@@ -249,6 +249,23 @@ def test_prepare_checks_options_format_and_keep_alive(service):
         assert exc.value.status == 400
 
 
+def test_generation_yields_typed_pieces_then_done_and_frees_the_model(service):
+    """The generation core below HTTP: Pieces whose texts make the Done's text, counts that add up,
+    logprobs only when asked, and the model released after (keep_alive 0)."""
+    from labkit.ollama_compat.inference import Done, Piece, generation
+    m = service.store.require("smollm2:135m")
+    body = {"options": {"temperature": 0, "num_predict": 8, "seed": 1}}
+    events = list(generation(service, "generate", body, m, 0, "Name a colour."))
+    *pieces, done = events
+    assert pieces and all(isinstance(p, Piece) for p in pieces) and isinstance(done, Done)
+    assert done.text == "".join(p.text for p in pieces) and done.text
+    assert done.stats["eval_count"] == 8 and done.stats["done_reason"] == "length" and done.logprobs is None
+    assert len(done.stats["context"]) == done.stats["prompt_eval_count"] + 8 and not service.sched.snapshot()
+    with_logprobs = list(generation(service, "generate", {**body, "logprobs": True, "top_logprobs": 2}, m, 0, "Name a colour."))
+    assert len(with_logprobs[-1].logprobs) == 8 == sum(len(p.logprobs) for p in with_logprobs[:-1])
+    assert all(len(e["top_logprobs"]) == 2 for e in with_logprobs[-1].logprobs)
+
+
 def test_a_model_without_a_template_gets_ollamas_default_prompt_template(tmp_path):
     """Ollama's docs/template.md: models imported without a template get `{{ .Prompt }}` (input verbatim)."""
     import importlib.util

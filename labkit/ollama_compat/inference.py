@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import APIError
@@ -15,6 +16,26 @@ from .service import Service
 from .settings import parse_duration
 from .store import Manifest
 from .tools import ToolCallParser, call_objects, normalize_tools
+
+
+@dataclass
+class Piece:
+    """Part of an answer as it is generated: its text, the tool calls completed in it, and the
+    log-probabilities of its tokens (when the request asked for them)."""
+    text: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Done:
+    """The end of an answer: Ollama's final fields (``done_reason``, counts, durations in ns, and
+    ``context`` for ``/api/generate``), the whole text, every tool call, and every token's
+    log-probability — ``None`` when the request did not ask for them."""
+    stats: dict
+    text: str
+    tool_calls: list[dict] = field(default_factory=list)
+    logprobs: list[dict] | None = None
 
 
 def prepare(service: Service, body: dict, manifest: Manifest) -> tuple[dict, Any, float]:
@@ -47,9 +68,9 @@ def logprob_request(body: dict) -> int | None:
 
 
 def generation(service: Service, kind: str, body: dict, manifest: Manifest, t0: int,
-               messages_or_prompt) -> Iterator[dict]:
-    """Generate for ``/api/generate`` (``kind="generate"``) or ``/api/chat``: ``{"piece": text}`` items,
-    then ``{"final": stats, "text": all text}``. The model is held until the generator is closed."""
+               messages_or_prompt) -> Iterator[Piece | Done]:
+    """Generate for ``/api/generate`` (``kind="generate"``) or ``/api/chat``: :class:`Piece` events,
+    then one :class:`Done`. The model is held until the generator is closed."""
     sched = service.sched
     opts, grammar, keep_alive = prepare(service, body, manifest)
     top = logprob_request(body)
@@ -59,20 +80,13 @@ def generation(service: Service, kind: str, body: dict, manifest: Manifest, t0: 
         tokens = _prompt_tokens(service, kind, body, manifest, lm, inst, messages_or_prompt, tools)
         parser = ToolCallParser(service.tool_tag(manifest), [t["function"]["name"] for t in tools]) if tools else None
         stats: dict = {}
-        pieces, calls, logprobs = [], [], []
+        texts, calls, logprobs = [], [], []
         run_args = {"top_logprobs": top} if top is not None else {}
-        for piece in service.run(inst, tokens, opts, grammar, stats, **run_args):
-            item = _item(piece, parser, stats, calls)
-            if item:
-                pieces.append(item.get("piece", ""))
-                logprobs.extend(item.get("logprobs", []))
-                yield item
-        found, rest = parser.finish() if parser else ([], "")
-        item = _item(rest, None, stats, calls, found)
-        if item:
-            pieces.append(item.get("piece", ""))
-            logprobs.extend(item.get("logprobs", []))
-            yield item
+        for piece in _pieces(service.run(inst, tokens, opts, grammar, stats, **run_args), parser, stats, calls):
+            if piece.text or piece.tool_calls or piece.logprobs:
+                texts.append(piece.text)
+                logprobs.extend(piece.logprobs)
+                yield piece
         final = {"done_reason": stats["done_reason"],
                  "total_duration": time.perf_counter_ns() - t0, "load_duration": load_ns,
                  "prompt_eval_count": stats["prompt_eval_count"],
@@ -80,12 +94,7 @@ def generation(service: Service, kind: str, body: dict, manifest: Manifest, t0: 
                  "eval_count": stats["eval_count"], "eval_duration": stats["eval_duration"]}
         if kind == "generate" and not body.get("raw"):
             final["context"] = stats["context"]
-        out = {"final": final, "text": "".join(pieces)}
-        if calls:
-            out["tool_calls"] = calls
-        if top is not None:
-            out["logprobs"] = logprobs
-        yield out
+        yield Done(final, "".join(texts), calls, logprobs if top is not None else None)
     finally:
         sched.release(lm, inst, keep_alive)
 
@@ -109,21 +118,27 @@ def _prompt_tokens(service: Service, kind: str, body: dict, manifest: Manifest, 
     return tokens
 
 
-def _item(piece: str, parser: ToolCallParser | None, stats: dict, calls: list, found: list | None = None) -> dict:
-    """One streamed item: ``piece`` (content), ``tool_calls`` parsed so far, ``logprobs`` of its tokens."""
+def _pieces(texts: Iterator[str], parser: ToolCallParser | None, stats: dict, calls: list) -> Iterator[Piece]:
+    """A :class:`Piece` for each text the model yields, then one for what the tool-call parser held back."""
+    for text in texts:
+        yield _piece(text, parser, stats, calls)
+    found, rest = parser.finish() if parser else ([], "")
+    yield _piece(rest, None, stats, calls, found)
+
+
+def _piece(text: str, parser: ToolCallParser | None, stats: dict, calls: list, found: list | None = None) -> Piece:
+    """The content of ``text`` (tool-call markup removed), the calls completed so far, its tokens' logprobs."""
     found = list(found or [])
     if parser is not None:
-        more, piece = parser.add(piece)
+        more, text = parser.add(text)
         found += more
-    item: dict = {}
-    if piece:
-        item["piece"] = piece
+    piece = Piece(text)
     if found:
-        item["tool_calls"] = call_objects(found, start=len(calls))
-        calls.extend(item["tool_calls"])
+        piece.tool_calls = call_objects(found, start=len(calls))
+        calls.extend(piece.tool_calls)
     if stats.get("logprobs"):
-        item["logprobs"] = stats.pop("logprobs")
-    return item
+        piece.logprobs = stats.pop("logprobs")
+    return piece
 
 
 def load_or_unload(service: Service, kind: str, body: dict, manifest: Manifest) -> dict:

@@ -22,7 +22,7 @@ from .. import modelfile as mf
 from ..cancellable import cancellable_stream, drain
 from .create import execute_create, plan_create
 from .errors import APIError, error_body, not_found
-from .inference import embed_vectors, generation, load_or_unload
+from .inference import Done, Piece, embed_vectors, generation, load_or_unload
 from .names import normalize_name, now_rfc3339
 from .service import Service
 from .settings import VERSION
@@ -63,30 +63,30 @@ def ndjson(gen: Iterator[dict], closes: tuple[Iterator, ...] = ()) -> StreamingR
     return cancellable_stream(lines(), "application/x-ndjson", closes)
 
 
-def shaped(kind: str, name: str, chunk: dict, streamed: bool) -> dict:
-    """A :func:`generation` item as Ollama's generate/chat object (a final one carries the stats)."""
-    final = "final" in chunk
-    text = ("" if streamed else chunk["text"]) if final else chunk.get("piece", "")
+def shaped(kind: str, name: str, event: Piece | Done, streamed: bool) -> dict:
+    """A :func:`generation` event as Ollama's generate/chat object (the final one carries the stats)."""
+    final = isinstance(event, Done)
+    text = ("" if streamed else event.text) if final else event.text
     out = {"model": name, "created_at": now_rfc3339()}
     if kind == "generate":
         out["response"] = text
     else:
         out["message"] = {"role": "assistant", "content": text}
-        if chunk.get("tool_calls") and not (final and streamed):
-            out["message"]["tool_calls"] = chunk["tool_calls"]
+        if event.tool_calls and not (final and streamed):
+            out["message"]["tool_calls"] = event.tool_calls
     out["done"] = final
     if not final:
-        if chunk.get("logprobs"):
-            out["logprobs"] = chunk["logprobs"]
+        if event.logprobs:
+            out["logprobs"] = event.logprobs
         return out
-    out.update(chunk["final"])
+    out.update(event.stats)
     if kind == "generate" and "context" in out:      # documented order: context after done
         ctx = out.pop("context")
         out = {**{k: out[k] for k in ("model", "created_at", "response", "done", "done_reason")},
                "context": ctx, **{k: v for k, v in out.items() if k not in
                                    ("model", "created_at", "response", "done", "done_reason")}}
-    if "logprobs" in chunk and not streamed:
-        out["logprobs"] = chunk["logprobs"]
+    if event.logprobs is not None and not streamed:
+        out["logprobs"] = event.logprobs
     return out
 
 

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 
 from ..cancellable import cancellable_stream, drain
 from .errors import APIError, error_body
-from .inference import embed_vectors, generation
+from .inference import Done, Piece, embed_vectors, generation
 from .native import body_of
 from .service import Service
 from .store import Manifest
@@ -194,22 +194,22 @@ def choice_logprobs(kind: str, entries: list[dict], offset: int = 0) -> dict:
             "text_offset": offsets}
 
 
-def chunk_choice(kind: str, chunk: dict, offset: int) -> dict:
+def chunk_choice(kind: str, piece: Piece, offset: int) -> dict:
     """The choice of one streamed chunk: a content (or text) delta, tool calls, logprobs."""
     if kind == "chat":
-        delta: dict = {"content": chunk.get("piece", "")}
-        if chunk.get("tool_calls"):
-            delta["tool_calls"] = oai_tool_calls(chunk["tool_calls"])
+        delta: dict = {"content": piece.text}
+        if piece.tool_calls:
+            delta["tool_calls"] = oai_tool_calls(piece.tool_calls)
         choice = {"index": 0, "delta": delta, "finish_reason": None}
     else:
-        choice = {"index": 0, "text": chunk.get("piece", ""), "finish_reason": None}
-    if "logprobs" in chunk:
-        choice["logprobs"] = choice_logprobs(kind, chunk["logprobs"], offset)
+        choice = {"index": 0, "text": piece.text, "finish_reason": None}
+    if piece.logprobs:
+        choice["logprobs"] = choice_logprobs(kind, piece.logprobs, offset)
     return choice
 
 
 def events(kind: str, cid: str, created: int, obj: str, model: str, include_usage: bool,
-           first: dict | None, gen: Iterator[dict]) -> Iterator[dict]:
+           first: Piece | Done | None, gen: Iterator[Piece | Done]) -> Iterator[dict]:
     """The streamed chunks of a completion: ``first`` and the rest of ``gen``, as OpenAI's objects
     (a role-only chunk first for chat, a usage chunk last if asked); an error is a last chunk."""
     head = {"id": cid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created, "model": model,
@@ -220,13 +220,13 @@ def events(kind: str, cid: str, created: int, obj: str, model: str, include_usag
                                         "finish_reason": None}]}
         chunks = ([first] if first is not None else [])
         offset, called = 0, False
-        for chunk in _chain(chunks, gen):
-            if "final" not in chunk:
-                called = called or bool(chunk.get("tool_calls"))
-                yield {**head, "choices": [chunk_choice(kind, chunk, offset)]}
-                offset += len(chunk.get("piece", ""))
+        for event in _chain(chunks, gen):
+            if isinstance(event, Piece):
+                called = called or bool(event.tool_calls)
+                yield {**head, "choices": [chunk_choice(kind, event, offset)]}
+                offset += len(event.text)
                 continue
-            final = chunk["final"]
+            final = event.stats
             choice = ({"index": 0, "delta": {}, "finish_reason": finish(final, called)} if kind == "chat"
                       else {"index": 0, "text": "", "finish_reason": finish(final)})
             yield {**head, "choices": [choice]}
@@ -268,18 +268,18 @@ async def oai_generate(service: Service, request: Request, t0: int, kind: str):
         items = events(kind, cid, created, obj, manifest.name, include_usage, first, gen)
         return cancellable_stream(sse(items), "text/event-stream", closes=(gen,))
 
-    last = await drain(request, generation(service, gkind, ob, manifest, t0, payload),
-                       reduce=lambda chunks: chunks[-1])
-    text, final = last["text"], last["final"]
+    done = await drain(request, generation(service, gkind, ob, manifest, t0, payload),
+                       reduce=lambda events: events[-1])
+    final = done.stats
     if kind == "chat":
-        message = {"role": "assistant", "content": text}
-        if last.get("tool_calls"):
-            message["tool_calls"] = oai_tool_calls(last["tool_calls"])
-        choice = {"index": 0, "message": message, "finish_reason": finish(final, bool(last.get("tool_calls")))}
+        message = {"role": "assistant", "content": done.text}
+        if done.tool_calls:
+            message["tool_calls"] = oai_tool_calls(done.tool_calls)
+        choice = {"index": 0, "message": message, "finish_reason": finish(final, bool(done.tool_calls))}
     else:
-        choice = {"index": 0, "text": text, "finish_reason": finish(final)}
-    if "logprobs" in last:
-        choice["logprobs"] = choice_logprobs(kind, last["logprobs"])
+        choice = {"index": 0, "text": done.text, "finish_reason": finish(final)}
+    if done.logprobs is not None:
+        choice["logprobs"] = choice_logprobs(kind, done.logprobs)
     return JSONResponse({"id": cid, "object": obj, "created": created, "model": manifest.name,
                          "system_fingerprint": "fp_labkit", "choices": [choice], "usage": usage(final)})
 

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 
 from ..cancellable import cancellable_stream, drain
 from .errors import APIError, error_body
-from .inference import generation
+from .inference import Done, Piece, generation
 from .native import body_of
 from .openai import reasoning_think
 from .service import Service
@@ -175,22 +175,25 @@ class ResponseBuilder:
         self.seq += 1
         return {"type": kind, "sequence_number": self.seq - 1, **fields}
 
-    def events(self, items: Iterator[dict]) -> Iterator[dict]:
+    def events(self, items: Iterator[Piece | Done]) -> Iterator[dict]:
         """The stream: created, in_progress, the message's text deltas, function calls, completed."""
         yield self.event("response.created", response=self.response("in_progress"))
         yield self.event("response.in_progress", response=self.response("in_progress"))
         opened = False
         where = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
         for item in items:
-            if item.get("piece"):
+            if isinstance(item, Done):
+                yield from self.finished(item, opened, where)
+                continue
+            if item.text:
                 if not opened:
                     opened = True
                     yield self.event("response.output_item.added", output_index=0, item=self.message("in_progress"))
                     yield self.event("response.content_part.added", **where,
                                      part={"type": "output_text", "text": "", "annotations": []})
-                self.text += item["piece"]
-                yield self.event("response.output_text.delta", **where, delta=item["piece"], logprobs=[])
-            for call in item.get("tool_calls", []):
+                self.text += item.text
+                yield self.event("response.output_text.delta", **where, delta=item.text, logprobs=[])
+            for call in item.tool_calls:
                 self.calls.append(call)
                 index = len(self.calls) - (0 if opened else 1)
                 done = self.call_item(call)
@@ -198,17 +201,19 @@ class ResponseBuilder:
                 yield self.event("response.function_call_arguments.done", item_id=done["id"], output_index=index,
                                  arguments=done["arguments"])
                 yield self.event("response.output_item.done", output_index=index, item=done)
-            if "final" in item:
-                if opened or not self.calls:
-                    if not opened:
-                        yield self.event("response.output_item.added", output_index=0, item=self.message("in_progress"))
-                    yield self.event("response.output_text.done", **where, text=self.text, logprobs=[])
-                    yield self.event("response.content_part.done", **where,
-                                     part={"type": "output_text", "text": self.text, "annotations": []})
-                    yield self.event("response.output_item.done", output_index=0, item=self.message("completed"))
-                response = self.response("completed", item["final"])
-                kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
-                yield self.event(kind, response=response)
+
+    def finished(self, done: Done, opened: bool, where: dict) -> Iterator[dict]:
+        """The stream's last events: the message closed (unless the answer was only tool calls), completed."""
+        if opened or not self.calls:
+            if not opened:
+                yield self.event("response.output_item.added", output_index=0, item=self.message("in_progress"))
+            yield self.event("response.output_text.done", **where, text=self.text, logprobs=[])
+            yield self.event("response.content_part.done", **where,
+                             part={"type": "output_text", "text": self.text, "annotations": []})
+            yield self.event("response.output_item.done", output_index=0, item=self.message("completed"))
+        response = self.response("completed", done.stats)
+        kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
+        yield self.event(kind, response=response)
 
 
 def _sse(events: Iterator[dict]) -> Iterator[str]:
@@ -242,7 +247,6 @@ async def v1_responses(service: Service, request: Request, t0: int):
                 yield first
             yield from gen
         return cancellable_stream(_sse(builder.events(items())), "text/event-stream", closes=(gen,))
-    chunks = await drain(request, generation(service, "chat", ob, manifest, t0, messages), reduce=list)
-    last = chunks[-1]
-    builder.text, builder.calls = last["text"], last.get("tool_calls", [])
-    return JSONResponse(builder.response("completed", last["final"]))
+    done = await drain(request, generation(service, "chat", ob, manifest, t0, messages), reduce=lambda events: events[-1])
+    builder.text, builder.calls = done.text, done.tool_calls
+    return JSONResponse(builder.response("completed", done.stats))
