@@ -378,22 +378,31 @@ def _chat_openai_for_llama_cpp():
     return ChatOpenAIForLlamaCpp
 
 
-def chat_model(server, *, max_tokens: int = 32, temperature: float = 0.0, seed: int = 0):
-    """The LangChain chat model for a :class:`labkit.Server`: ``ChatOllama`` for the ``ollama``
-    engine (Ollama's own API), ``ChatOpenAI`` on ``/v1`` for ``llama.cpp`` and ``vllm`` (for
-    ``llama.cpp``, the subclass that llama-cpp-python's server accepts tool-call turns from)."""
+def chat_model_spec(server, *, max_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+                    **options) -> tuple[type, dict]:
+    """The LangChain chat-model class for a :class:`labkit.Server` and its keyword arguments:
+    ``ChatOllama`` for the ``ollama`` engine (Ollama's own API), ``ChatOpenAI`` on ``/v1`` for
+    ``llama.cpp``, ``llama-server`` and ``vllm`` (for ``llama.cpp``, the subclass that
+    llama-cpp-python's server accepts tool-call turns from). ``options`` are passed on as they are
+    (``model=``, ``timeout=``, ``output_version=``, ...)."""
     if server.engine == "ollama":
         from langchain_ollama import ChatOllama
-        return ChatOllama(base_url=server.base_url, model=server.model, temperature=temperature,
-                          num_predict=max_tokens, seed=seed)
+        return ChatOllama, {"base_url": server.base_url, "model": server.model, "temperature": temperature,
+                            "num_predict": max_tokens, "seed": seed, **options}
     from langchain_openai import ChatOpenAI
-    if server.engine == "llama.cpp":
-        ChatOpenAI = _chat_openai_for_llama_cpp()      # noqa: N806 (a class, chosen per engine)
+    cls = _chat_openai_for_llama_cpp() if server.engine == "llama.cpp" else ChatOpenAI
     # ChatOpenAI sends max_tokens as OpenAI's newer "max_completion_tokens", which llama-cpp-python's
     # server ignores (it would generate up to the context size): send the classic field as well.
-    return ChatOpenAI(base_url=server.base_url + "/v1", api_key=server.api_key or "none", model=server.model,
-                      temperature=temperature, max_tokens=max_tokens, seed=seed, max_retries=0,
-                      extra_body={"max_tokens": max_tokens})
+    # stream_usage: token counts for streams too (ChatOpenAI asks for them only from api.openai.com).
+    return cls, {"base_url": server.base_url + "/v1", "api_key": server.api_key or "none", "model": server.model,
+                 "temperature": temperature, "max_tokens": max_tokens, "seed": seed, "max_retries": 0,
+                 "extra_body": {"max_tokens": max_tokens}, "stream_usage": True, **options}
+
+
+def chat_model(server, **settings):
+    """The LangChain chat model for a :class:`labkit.Server` (see :func:`chat_model_spec`)."""
+    cls, kwargs = chat_model_spec(server, **settings)
+    return cls(**kwargs)
 
 
 def estimate_tokens(text: str) -> int:

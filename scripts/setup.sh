@@ -118,10 +118,12 @@ for env in "${envs[@]}"; do
     run_logged "$LOGS/labkit-install.log" "$env/bin/pip" install --no-deps -e .
   fi
 done
-# Developer tools (ruff), pinned in requirements/dev.txt apart from the runtime lock, so that a
-# linter bump does not rebuild the environments.
-if ! grep -qxF "$(.venv/bin/ruff --version 2>/dev/null | sed 's/ /==/')" requirements/dev.txt; then
-  run_logged "$LOGS/dev-tools.log" .venv/bin/pip install -r requirements/dev.txt
+# Developer tools (ruff, langchain-tests), pinned in requirements/dev.txt apart from the runtime lock, so
+# that a linter bump does not rebuild the environments; installed within the lock (-c), once per dev.txt.
+dev_stamp="$(readlink -f .venv)/.labkit-dev-$(hash_of requirements/dev.txt)"
+if [ ! -f "$dev_stamp" ]; then
+  run_logged "$LOGS/dev-tools.log" .venv/bin/pip install -c requirements/lock.txt -r requirements/dev.txt
+  touch "$dev_stamp"
 fi
 # Kernels live in the shared environment and name its interpreter by its real path, not through this
 # clone's .venv link: a kernel written by another clone (since deleted) would otherwise start nothing.
