@@ -70,7 +70,7 @@ build_vllm() {
   run_logged "$log" "$env/bin/pip" install --upgrade pip wheel
   if [ "$GPU" = 1 ]; then
     # CUDA build: vLLM brings its own CUDA torch; the CPU lock does not apply.
-    run_logged "$log" "$env/bin/pip" install vllm ipykernel gguf pandas matplotlib tqdm
+    run_logged "$log" "$env/bin/pip" install vllm ipykernel gguf accelerate pandas matplotlib tqdm
   else
     run_logged "$log" "$env/bin/pip" install -c requirements/lock-vllm.txt torch
     run_logged "$log" "$env/bin/pip" install -c requirements/lock-vllm.txt -r requirements/vllm.in
