@@ -81,6 +81,18 @@ class RequestTiming:
 
 
 # ----------------------------------------------------------------------------- streams (chapter 03 introduces them)
+def sse_payloads(lines: Iterable[str]):
+    """The payloads of a server-sent-event stream's ``data:`` lines, ``[DONE]`` included — what an
+    OpenAI-compatible server streams; comments (``: keep-alive``) and blank lines are skipped.
+
+    >>> list(sse_payloads(['data: {"a": 1}', '', ': keep-alive', 'data: [DONE]']))
+    ['{"a": 1}', '[DONE]']
+    """
+    for line in lines:
+        if line.startswith("data:"):
+            yield line[5:].strip()
+
+
 def piece_of(chunk: Any) -> str | None:
     """The text a streamed chunk carries, for llama-cpp-python dicts and OpenAI SDK objects,
     chat (``delta.content``) or completion (``text``); None for role/finish/usage-only chunks."""

@@ -118,15 +118,12 @@ def _send(client, url: str, probe: Probe, model: str):
     if not probe.stream:
         r = client.post(url, json=body)
         return r.status_code, (r.json() if r.status_code == 200 else r.text)
-    events = []
+    from .bench import sse_payloads
     with client.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             r.read()
             return r.status_code, r.text
-        for line in r.iter_lines():
-            if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                events.append(json.loads(line[5:]))
-    return 200, events
+        return 200, [json.loads(payload) for payload in sse_payloads(r.iter_lines()) if payload != "[DONE]"]
 
 
 def probe(server, probes: list[Probe] = PROBES, *, timeout: float = 120.0) -> list[dict]:

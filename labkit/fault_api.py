@@ -427,6 +427,8 @@ def _canned(model: str, body: dict, stream: bool):
 
 def _forward(api: FaultAPI, body: dict, stream: bool):
     import httpx
+
+    from .bench import sse_payloads
     url = api.upstream_url + "/v1/chat/completions"
     body = {**body, "model": api.upstream_model or body.get("model")}
     if not stream:
@@ -439,9 +441,7 @@ def _forward(api: FaultAPI, body: dict, stream: bool):
     def lines():
         try:
             with httpx.stream("POST", url, json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data:"):
-                        yield line[5:].strip()
+                yield from sse_payloads(r.iter_lines())
         except httpx.HTTPError:
             return                               # the stream ends without [DONE]: a broken stream
     return lines()

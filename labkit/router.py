@@ -573,7 +573,8 @@ class _OpenStream:
 
     @classmethod
     def open(cls, backend: Backend, response) -> "_OpenStream":
-        stream = cls(backend, response, _sse_events(response), [])
+        from .bench import sse_payloads
+        stream = cls(backend, response, sse_payloads(response.iter_lines()), [])
         try:
             while not stream.pending and not stream.done:
                 stream._read_one()
@@ -598,12 +599,6 @@ class _OpenStream:
         content = (choice.get("delta") or {}).get("content")
         if content:
             self.pending.append(content)
-
-
-def _sse_events(response):
-    for line in response.iter_lines():
-        if line.startswith("data:"):
-            yield line[5:].strip()
 
 
 class RoutedStream:
