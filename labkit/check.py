@@ -218,6 +218,105 @@ def _nginx_site(answer):
     return True, ""
 
 
+# llama-server's flags for exercise 03-llama-server (spellings from `llama-server --help` of the pinned build)
+LLAMA_SERVER_FLAGS = {"-m": "model", "--model": "model", "-c": "ctx", "--ctx-size": "ctx", "-ngl": "ngl",
+                      "--gpu-layers": "ngl", "--n-gpu-layers": "ngl", "-np": "parallel", "--parallel": "parallel",
+                      "--host": "host", "--port": "port", "--api-key": "api_key", "--jinja": "jinja", "--no-jinja": "no_jinja"}
+LLAMA_SERVER_TASK = {"model": "/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf", "ctx": "16384", "parallel": "4", "port": "8081",
+                     "api_key": "lab-secret"}
+
+
+def _llama_server_args(answer) -> tuple[dict, str]:
+    """The flags of a llama-server command line (canonical names) and a hint when it cannot be read."""
+    import shlex
+    try:
+        words = shlex.split(str(answer).replace("\\\n", " "))
+    except ValueError as exc:
+        return {}, f"the shell could not split it: {exc} (an unclosed quote?)"
+    if not words or not words[0].endswith("llama-server"):
+        if "llama_cpp.server" in words:
+            return {}, "that is llama-cpp-python's Python server; the exercise asks for llama.cpp's own program, llama-server."
+        return {}, "start with the program: llama-server (or its path, e.g. .llama.cpp/bin/llama-server)."
+    args, i = {}, 1
+    while i < len(words):
+        word = words[i]
+        if word in ("--jinja", "--no-jinja"):
+            args[LLAMA_SERVER_FLAGS[word]] = True
+        elif word in LLAMA_SERVER_FLAGS and i + 1 < len(words):
+            args[LLAMA_SERVER_FLAGS[word]] = words[i + 1]
+            i += 1
+        elif "_" in word and word.startswith("--"):
+            return {}, (f"{word} is a llama-cpp-python server spelling; llama-server's flags use dashes "
+                        "(-c/--ctx-size, -ngl/--n-gpu-layers).")
+        else:
+            return {}, f"{word!r} is not one of the flags this task needs (llama-server --help lists them all)."
+        i += 1
+    return args, ""
+
+
+def _llama_server(answer):
+    """``answer``: the shell command that serves the task's model with llama-server."""
+    from .memory import REFERENCE_MODELS
+    args, hint = _llama_server_args(answer)
+    if hint:
+        return False, hint
+    layers = next(m for m in REFERENCE_MODELS if m.name == "Qwen2.5-7B").n_layers
+    if args.get("model") != LLAMA_SERVER_TASK["model"]:
+        return False, f"load the model with -m {LLAMA_SERVER_TASK['model']}."
+    ngl = args.get("ngl", "")
+    if not (ngl == "all" or (ngl.isdigit() and int(ngl) >= layers)):
+        return False, (f"every layer on the GPU: -ngl all (or a number ≥ the model's {layers} layers, e.g. 99); "
+                       "the default, auto, offloads only what it decides fits.")
+    if args.get("ctx") != LLAMA_SERVER_TASK["ctx"]:
+        return False, "-c sets the context for all slots together: -c 16384 (with -np 4)."
+    if args.get("parallel") != LLAMA_SERVER_TASK["parallel"]:
+        return False, "4 requests at once need 4 slots: -np 4 (--parallel 4)."
+    if args.get("host", "127.0.0.1") not in ("127.0.0.1", "localhost", "::1"):
+        return False, f"--host {args['host']} listens on every interface; only this machine: leave --host out (127.0.0.1)."
+    if args.get("port") != LLAMA_SERVER_TASK["port"]:
+        return False, "the port: --port 8081 (the default is 8080)."
+    if args.get("api_key") != LLAMA_SERVER_TASK["api_key"]:
+        return False, "requests must carry a key: --api-key lab-secret."
+    if args.get("no_jinja"):
+        return False, "--no-jinja drops the model's own (Jinja) chat template; leave it out (Jinja is the default)."
+    return True, ""
+
+
+# (arrival of each streamed chunk in seconds after the request was sent, output tokens from the engine's usage)
+STREAM_TIMING_CASES = [([0.80, 0.85, 0.90, 0.95, 1.00], 5), ([0.5, 0.9, 1.3], 9), ([0.30, 0.42, 0.61, 0.70], 4), ([0.25], 1)]
+
+
+def _stream_timing(answer):
+    """``answer``: a function (arrivals, output_tokens) -> (ttft_s, decode_tokens_per_s)."""
+    from .bench import RequestTiming
+    if not callable(answer):
+        return False, "pass the function itself (stream_timing), not its result."
+    for arrivals, tokens in STREAM_TIMING_CASES:
+        want = RequestTiming(ttft=arrivals[0], e2e=arrivals[-1], prompt_tokens=0, output_tokens=tokens, token_times=arrivals)
+        try:
+            result = answer(list(arrivals), tokens)
+            if result is None:
+                return False, "your function returns nothing yet: return ttft, decode_tps."
+            ttft, tps = result
+        except Exception as exc:              # the learner's code: show what it raised
+            return False, f"it raised {type(exc).__name__}: {exc} for arrivals {arrivals}, {tokens} tokens."
+        if not _close(ttft, want.ttft, rel=1e-6):
+            return False, "TTFT is when the first chunk arrived (seconds after sending): arrivals[0]."
+        if math.isnan(want.decode_tps):
+            if tps is None or (isinstance(tps, float) and math.isnan(tps)):
+                continue
+            return False, "with a single token there is no decode phase to time: return float('nan')."
+        if _close(tps, want.decode_tps, rel=1e-6):
+            continue
+        if _close(tps, (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]), rel=1e-6):
+            return False, (f"{len(arrivals)} chunks carried {tokens} tokens: count tokens from the engine's usage, "
+                           "not chunks (a server may send several tokens in one chunk).")
+        if _close(tps, tokens / arrivals[-1], rel=1e-6):
+            return False, "the first token belongs to prefill: decode rate = (tokens − 1) ÷ (last arrival − first arrival)."
+        return False, "decode tokens/s = (output tokens − 1) ÷ (time of the last chunk − time of the first)."
+    return True, ""
+
+
 EMPLOYEE_ID_CASES = {"EMP-123456": True, "Ask ABC-654321 about it.": True, "(EMP-000001)": True,
                      "EMP-12345": False, "XEMP-123456": False, "EMP-1234567": False, "emp-123456": False,
                      "The meeting on 2024-05-01 is in room 12.": False, "": False}
@@ -257,6 +356,10 @@ EXERCISES: dict[str, Exercise] = {e.id: e for e in [
              "without buffering, proxy to 127.0.0.1:8080, listening on loopback; graded by nginx -t.", _nginx_site),
     Exercise("09-employee-id", "09", "has_employee_id(text): find IDs like EMP-123456 (three capitals, a dash, six "
              "digits) and nothing longer or shorter, for a router privacy rule.", _employee_id),
+    Exercise("03-llama-server", "03", "The llama-server command for Qwen2.5-7B Q4_K_M: every layer on the GPU, 16384 tokens "
+             "of context for 4 parallel slots, loopback only on port 8081, API key lab-secret.", _llama_server),
+    Exercise("06-stream-timing", "06", "stream_timing(arrivals, output_tokens) -> (TTFT, decode tokens/s) of one streamed "
+             "reply, from its chunks' arrival times and the engine's token count.", _stream_timing),
     Exercise("07-fits", "07", "Bytes the bundled SmolLM2 needs for weights + f16 KV cache at n_ctx=32768.", _fits),
 ]}
 

@@ -144,3 +144,77 @@ def test_employee_id_exercise_grades_functions(capsys):
     assert "returns None" in capsys.readouterr().out
     assert not check("09-employee-id", "EMP-123456")
     assert "the function itself" in capsys.readouterr().out
+
+
+GOOD_LLAMA_SERVER = ("llama-server -m /models/Qwen2.5-7B-Instruct-Q4_K_M.gguf -ngl 99 -c 16384 -np 4 "
+                     "--port 8081 --api-key lab-secret")
+
+
+@pytest.mark.parametrize("answer", [
+    GOOD_LLAMA_SERVER,
+    "./.llama.cpp/bin/llama-server \\\n  --model /models/Qwen2.5-7B-Instruct-Q4_K_M.gguf --n-gpu-layers all \\\n"
+    "  --ctx-size 16384 --parallel 4 --host 127.0.0.1 --port 8081 --api-key lab-secret --jinja",
+])
+def test_llama_server_exercise_accepts_the_spellings_llama_server_accepts(answer):
+    assert check("03-llama-server", answer)
+
+
+@pytest.mark.parametrize("change, words", [
+    (("llama-server", "python -m llama_cpp.server"), "llama-cpp-python's Python server"),
+    (("-c 16384", "--n_ctx 16384"), "flags use dashes"),
+    (("-ngl 99", "-ngl 20"), "28 layers"),
+    (("-ngl 99 ", ""), "auto"),
+    (("-c 16384", "-c 4096"), "all slots together"),
+    (("-np 4 ", ""), "4 slots"),
+    (("--port 8081", "--host 0.0.0.0 --port 8081"), "every interface"),
+    (("--port 8081 ", ""), "--port 8081"),
+    ((" --api-key lab-secret", ""), "--api-key lab-secret"),
+    (("--port", "--jinja --no-jinja --port"), "--no-jinja"),
+    (("--port", "--prot"), "not one of the flags"),
+])
+def test_llama_server_exercise_names_each_mistake(change, words, capsys):
+    assert not check("03-llama-server", GOOD_LLAMA_SERVER.replace(*change))
+    assert words in capsys.readouterr().out
+
+
+def test_llama_server_exercise_flags_are_the_built_programs(smollm2_path):
+    """Every spelling the grader accepts is one the lab's llama-server lists in --help."""
+    import subprocess
+
+    from conftest import installed_or_skip
+
+    from labkit import llama_tools
+    from labkit.check import LLAMA_SERVER_FLAGS
+    from labkit.notebook import llama_server_required
+    binary = installed_or_skip(lambda: llama_tools.program("llama-server"), llama_server_required(), "llama-server")
+    help_text = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60).stdout
+    listed = set(help_text.replace(",", " ").split())
+    assert not [flag for flag in LLAMA_SERVER_FLAGS if flag not in listed], help_text[:400]
+
+
+def test_stream_timing_exercise_names_each_mistake(capsys):
+    def right(arrivals, tokens):
+        span = arrivals[-1] - arrivals[0]
+        return arrivals[0], (tokens - 1) / span if tokens > 1 and span > 0 else float("nan")
+
+    def counts_chunks(arrivals, tokens):
+        return right(arrivals, len(arrivals))
+
+    def includes_prefill(arrivals, tokens):
+        return arrivals[0], tokens / arrivals[-1]
+
+    def divides_by_zero(arrivals, tokens):
+        return arrivals[0], (tokens - 1) / (arrivals[-1] - arrivals[0])
+
+    assert check("06-stream-timing", right)
+    for wrong, words in ((counts_chunks, "not chunks"), (includes_prefill, "belongs to prefill"),
+                         (divides_by_zero, "ZeroDivisionError"), (lambda a, t: (0.0, 1.0), "TTFT"), (3.0, "the function itself")):
+        assert not check("06-stream-timing", wrong)
+        assert words in capsys.readouterr().out
+
+
+def test_stream_timing_exercise_before_it_is_written(capsys):
+    def stream_timing(arrivals, output_tokens):
+        ...
+    assert not check("06-stream-timing", stream_timing)
+    assert "returns nothing yet" in capsys.readouterr().out
