@@ -177,7 +177,7 @@ def test_llama_server_exercise_names_each_mistake(change, words, capsys):
     assert words in capsys.readouterr().out
 
 
-def test_llama_server_exercise_flags_are_the_built_programs(smollm2_path):
+def test_llama_server_exercise_flags_are_the_built_programs():
     """Every spelling the grader accepts is one the lab's llama-server lists in --help."""
     import subprocess
 
