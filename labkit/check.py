@@ -226,13 +226,20 @@ LLAMA_SERVER_TASK = {"model": "/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf", "ctx": 
                      "api_key": "lab-secret"}
 
 
-def _llama_server_args(answer) -> tuple[dict, str]:
-    """The flags of a llama-server command line (canonical names) and a hint when it cannot be read."""
+def _shell_words(answer) -> tuple[list[str], str]:
+    """A command line split as the shell would (backslash-newline continuations joined), or a hint."""
     import shlex
     try:
-        words = shlex.split(str(answer).replace("\\\n", " "))
+        return shlex.split(str(answer).replace("\\\n", " ")), ""
     except ValueError as exc:
-        return {}, f"the shell could not split it: {exc} (an unclosed quote?)"
+        return [], f"the shell could not split it: {exc} (an unclosed quote?)"
+
+
+def _llama_server_args(answer) -> tuple[dict, str]:
+    """The flags of a llama-server command line (canonical names) and a hint when it cannot be read."""
+    words, hint = _shell_words(answer)
+    if hint:
+        return {}, hint
     if not words or not words[0].endswith("llama-server"):
         if "llama_cpp.server" in words:
             return {}, "that is llama-cpp-python's Python server; the exercise asks for llama.cpp's own program, llama-server."
@@ -340,6 +347,167 @@ def _employee_id(answer):
     return True, ""
 
 
+# vLLM's flags for exercise 04-vllm-serve (names from the installed vLLM's argument parser; see tests)
+VLLM_SERVE_FLAGS = {"--max-model-len": "max_model_len", "--max-num-seqs": "max_num_seqs",
+                    "--gpu-memory-utilization": "gpu_memory_utilization", "--host": "host", "--port": "port",
+                    "--api-key": "api_key", "--quantization": "quantization", "-q": "quantization"}
+VLLM_SERVE_TASK = {"model": "Qwen/Qwen2.5-7B-Instruct-AWQ", "max_model_len": "16384", "max_num_seqs": "8",
+                   "gpu_memory_utilization": "0.85", "port": "8000", "api_key": "lab-secret"}
+
+
+def _vllm_serve_args(answer) -> tuple[dict, str]:
+    """The model and flags of a ``vllm serve`` command line, or a hint naming what an older guide taught."""
+    words, hint = _shell_words(answer)
+    if hint:
+        return {}, hint
+    if "vllm.entrypoints.openai.api_server" in words:
+        return {}, "python -m vllm.entrypoints.openai.api_server is deprecated: the command is vllm serve MODEL."
+    if words[:2] != ["vllm", "serve"]:
+        return {}, "start with the command: vllm serve MODEL."
+    args, rest = {}, words[2:]
+    while rest:
+        word = rest.pop(0)
+        name, _, inline = word.partition("=")
+        name = name.replace("_", "-") if name.startswith("--") else name     # vLLM accepts --max_model_len too
+        if name == "--model":
+            return {}, "with vllm serve the model is the first argument (vllm serve MODEL); --model is on its way out."
+        if name == "--disable-log-requests":
+            return {}, ("--disable-log-requests is gone from current vLLM (its parser refuses it and the server never "
+                        "starts); request logging is off by default.")
+        if not name.startswith("-"):
+            if "model" in args:
+                return {}, f"{word!r}: only one positional argument, the model."
+            args["model"] = word
+        elif name in VLLM_SERVE_FLAGS and (inline or rest):
+            args[VLLM_SERVE_FLAGS[name]] = inline or rest.pop(0)
+        else:
+            return {}, f"{word!r} is not one of the flags this task needs (vllm serve --help=all lists them all)."
+    return args, ""
+
+
+def _vllm_serve(answer):
+    """``answer``: the shell command that serves the task's model with vLLM."""
+    args, hint = _vllm_serve_args(answer)
+    if hint:
+        return False, hint
+    if args.get("model") != VLLM_SERVE_TASK["model"]:
+        return False, f"the model goes right after serve: vllm serve {VLLM_SERVE_TASK['model']}."
+    if "quantization" in args:
+        return False, ("leave out --quantization: vLLM reads AWQ from the checkpoint's config and picks the fast "
+                       "Marlin kernel; forcing awq selects a slower one.")
+    if args.get("max_model_len") != VLLM_SERVE_TASK["max_model_len"]:
+        return False, "cap prompt + output at 16384 tokens: --max-model-len 16384 (the default is the model's own 32768)."
+    if args.get("max_num_seqs") != VLLM_SERVE_TASK["max_num_seqs"]:
+        return False, "at most 8 sequences per scheduler step: --max-num-seqs 8."
+    share = args.get("gpu_memory_utilization", "")
+    if share != VLLM_SERVE_TASK["gpu_memory_utilization"]:
+        if _close(share, 85):
+            return False, "--gpu-memory-utilization is a fraction of the GPU's memory: 0.85, not 85."
+        return False, "let vLLM pre-allocate 85% of the GPU: --gpu-memory-utilization 0.85."
+    if args.get("host") not in ("127.0.0.1", "localhost", "::1"):
+        return False, "vLLM listens on every interface unless told otherwise: --host 127.0.0.1 (unlike llama-server)."
+    if args.get("port") != VLLM_SERVE_TASK["port"]:
+        return False, "the port: --port 8000."
+    if args.get("api_key") != VLLM_SERVE_TASK["api_key"]:
+        return False, "vLLM has no authentication unless you ask: --api-key lab-secret."
+    return True, ""
+
+
+# exercise 05-rrf: (rankings, the constant k); graded against labkit.japanese.rrf_fuse
+RRF_CASES = [([["a", "b", "c"], ["c", "a", "d"]], 60), ([["x", "y"], ["y", "z"], ["z", "y"]], 60),
+             ([["x", "a", "y"], ["b", "y"]], 1), ([["solo"]], 60), ([["m", "n"], []], 60)]
+
+
+def _rrf(answer):
+    """``answer``: a function (rankings, k=60) -> list of ids, best first (reciprocal rank fusion)."""
+    from .japanese import rrf_fuse
+    if not callable(answer):
+        return False, "pass the function itself (rrf), not its result."
+    for rankings, k in RRF_CASES:
+        want = [item for item, _ in rrf_fuse(rankings, k)]
+        try:
+            got = answer([list(r) for r in rankings], k)
+        except Exception as exc:              # the learner's code: show what it raised
+            return False, f"it raised {type(exc).__name__}: {exc} for {rankings}."
+        if got is None:
+            return False, "it returns None: return the fused ids, best first."
+        got = [g[0] if isinstance(g, tuple) else g for g in got]
+        if got == want:
+            continue
+        from_zero = [item for item, _ in rrf_fuse(rankings, k - 1)] if k >= 1 else None
+        if got == list(reversed(want)):
+            return False, "best first: sort by fused score, highest first."
+        if got == from_zero and from_zero != want:
+            return False, "ranks start at 1: the top item scores 1 / (k + 1), not 1 / k."
+        return False, (f"for {rankings} with k={k} expected {want}, got {got}: score(d) = Σ 1 / (k + rank of d), "
+                       "summed over every ranking that contains d.")
+    return True, ""
+
+
+# exercise 07-quant-ngl: Qwen2.5-14B on a 12 GB card at 8192 tokens (f16 KV cache)
+QUANT_NGL_TASK = {"model": "Qwen2.5-14B", "vram_bytes": 12e9, "n_ctx": 8192,
+                  "choices": ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")}    # best quality first
+
+
+def _quant_ngl(answer):
+    """``answer``: (quant, ngl) — the most precise quant that runs entirely on the GPU, and its -ngl."""
+    from .memory import gpu_layers
+    task = QUANT_NGL_TASK
+    try:
+        quant, ngl = answer
+        quant, ngl = str(quant).upper(), int(ngl)
+    except (TypeError, ValueError):
+        return False, "answer with a pair: (\"Q4_K_M\", 49) — the quant's name and the -ngl number."
+    if quant not in task["choices"]:
+        return False, f"choose one of {', '.join(task['choices'])}."
+    plans = {q: gpu_layers(task["model"], task["vram_bytes"], q, n_ctx=task["n_ctx"]) for q in task["choices"]}
+    best = next(q for q in task["choices"] if plans[q].fully_offloaded)
+    plan = plans[quant]
+    if not plan.fully_offloaded:
+        return False, (f"{quant}: only {plan.layers_on_gpu} of {plan.n_layers} layers fit (weights + their KV cache + "
+                       f"compute buffer + 1 GiB reserve); the rest run on the CPU and set the pace of every token.")
+    if quant != best:
+        return False, f"{quant} fits, but a more precise quant fits too: take the best one that fits entirely."
+    if ngl < plan.ngl:
+        return False, (f"-ngl counts the output layer as one more: {plan.n_layers} repeating layers + 1 = {plan.ngl} "
+                       "(any larger number, e.g. 99, means all).")
+    return True, ""
+
+
+# exercise 10-answer-labels: (prompt ids, full ids, end-of-turn id), shaped like a ChatML render
+LABEL_CASES = [([1, 5, 6, 2, 1, 7], [1, 5, 6, 2, 1, 7, 40, 41, 2, 9], 2), ([3, 4], [3, 4, 10, 11, 12, 99], 99),
+               ([8], [8, 20, 21], 2), ([1, 2, 3], [1, 2, 3, 30, 2, 9, 31, 2, 9], 2)]
+
+
+def _answer_labels(answer):
+    """``answer``: a function (prompt_ids, full_ids, end_id) -> (input_ids, labels)."""
+    from .finetune import answer_labels
+    if not callable(answer):
+        return False, "pass the function itself (make_labels), not its result."
+    for prompt_ids, full_ids, end_id in LABEL_CASES:
+        want_ids, want_labels = answer_labels(prompt_ids, full_ids, end_id)
+        try:
+            result = answer(list(prompt_ids), list(full_ids), end_id)
+            ids, labels = (list(x) for x in result)
+        except Exception as exc:              # the learner's code: show what it raised
+            return False, f"it raised {type(exc).__name__}: {exc} for prompt {prompt_ids}, full {full_ids}."
+        case = f"(prompt {prompt_ids}, full {full_ids}, end {end_id})"
+        if len(ids) != len(labels):
+            return False, f"input ids and labels must have the same length {case}."
+        if labels[:len(prompt_ids)] != want_labels[:len(prompt_ids)]:
+            return False, f"mask the prompt with -100 {case}: the loss should teach answers, not questions."
+        if (ids, labels) == (want_ids, want_labels):
+            continue
+        answer_part = labels[len(prompt_ids):]
+        if end_id not in answer_part and [x for x in answer_part if x != -100] == [
+                x for x in want_labels[len(prompt_ids):] if x != end_id]:
+            return False, f"keep the end-of-turn token in the labels {case}: it is how the model learns to stop."
+        if ids[:len(want_ids)] == want_ids and len(ids) > len(want_ids):
+            return False, f"cut after the first end-of-turn token {case}: what follows it is template, not answer."
+        return False, f"expected ids {want_ids} and labels {want_labels} {case}, got {ids} and {labels}."
+    return True, ""
+
+
 EXERCISES: dict[str, Exercise] = {e.id: e for e in [
     Exercise("01-q8_0", "01", "Write my_q8_0(x) returning ggml's Q8_0 bytes for a 1-D float32 array.", _q8_0),
     Exercise("01-bpw-q4k", "01", "Bits per weight of a pure Q4_K tensor, from its block layout.", _bpw_q4_k),
@@ -361,6 +529,14 @@ EXERCISES: dict[str, Exercise] = {e.id: e for e in [
     Exercise("06-stream-timing", "06", "stream_timing(arrivals, output_tokens) -> (TTFT, decode tokens/s) of one streamed "
              "reply, from its chunks' arrival times and the engine's token count.", _stream_timing),
     Exercise("07-fits", "07", "Bytes the bundled SmolLM2 needs for weights + f16 KV cache at n_ctx=32768.", _fits),
+    Exercise("04-vllm-serve", "04", "The vllm serve command for Qwen/Qwen2.5-7B-Instruct-AWQ: 16384-token context, at most "
+             "8 sequences at once, 85% of GPU memory, loopback only on port 8000, API key lab-secret.", _vllm_serve),
+    Exercise("05-rrf", "05", "rrf(rankings, k=60): fuse several rankings of ids by reciprocal rank fusion, best first.",
+             _rrf),
+    Exercise("07-quant-ngl", "07", "Qwen2.5-14B on a 12 GB GPU at 8192 tokens: the most precise of Q8_0, Q6_K, Q5_K_M, "
+             "Q4_K_M, Q3_K_M that puts every layer on the GPU, and its -ngl.", _quant_ngl),
+    Exercise("10-answer-labels", "10", "make_labels(prompt_ids, full_ids, end_id) -> (input_ids, labels): learn the "
+             "answer and its end-of-turn token, not the prompt nor what follows.", _answer_labels),
 ]}
 
 

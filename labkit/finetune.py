@@ -137,9 +137,16 @@ def encode(tokenizer, row: dict) -> tuple[list[int], list[int]]:
         raise DatasetError(f"example {row.get('id')}: the chat template renders the prompt differently with and "
                            "without the answer, so the answer tokens cannot be located")
     end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
-    stop = next((i for i in range(len(prompt_ids), len(full_ids)) if full_ids[i] == end), len(full_ids) - 1)
-    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):stop + 1]
-    return full_ids[:stop + 1], labels
+    return answer_labels(prompt_ids, full_ids, end)
+
+
+def answer_labels(prompt_ids, full_ids, end_id) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for one chat example, as chapter 10 trains: the prompt's positions are
+    -100 (no loss), the answer is learned up to and including its first end-of-turn token, and
+    whatever the template puts after that token (a newline) is cut off."""
+    n = len(prompt_ids)
+    stop = next((i for i in range(n, len(full_ids)) if full_ids[i] == end_id), len(full_ids) - 1)
+    return list(full_ids[:stop + 1]), [-100] * n + list(full_ids[n:stop + 1])
 
 
 def make_batches(encoded: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, seed: int, epoch: int):

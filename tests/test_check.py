@@ -218,3 +218,115 @@ def test_stream_timing_exercise_before_it_is_written(capsys):
         ...
     assert not check("06-stream-timing", stream_timing)
     assert "returns nothing yet" in capsys.readouterr().out
+
+
+GOOD_VLLM_SERVE = ("vllm serve Qwen/Qwen2.5-7B-Instruct-AWQ --max-model-len 16384 --max-num-seqs 8 "
+                   "--gpu-memory-utilization 0.85 --host 127.0.0.1 --port 8000 --api-key lab-secret")
+
+
+@pytest.mark.parametrize("answer", [
+    GOOD_VLLM_SERVE,
+    "vllm serve \\\n  Qwen/Qwen2.5-7B-Instruct-AWQ --max_model_len=16384 --max-num-seqs 8 \\\n"
+    "  --gpu-memory-utilization=0.85 --host localhost --port 8000 --api-key lab-secret",
+])
+def test_vllm_serve_exercise_accepts_the_spellings_vllm_accepts(answer):
+    assert check("04-vllm-serve", answer)
+
+
+@pytest.mark.parametrize("change, words", [
+    (("vllm serve Qwen/Qwen2.5-7B-Instruct-AWQ", "python -m vllm.entrypoints.openai.api_server --model "
+      "Qwen/Qwen2.5-7B-Instruct-AWQ"), "deprecated"),
+    (("serve Qwen", "serve --model Qwen"), "first argument"),
+    (("--port", "--disable-log-requests --port"), "is gone"),
+    (("--port", "--quantization awq --port"), "Marlin"),
+    (("0.85", "85"), "a fraction"),
+    (("--host 127.0.0.1 ", ""), "every interface"),
+    (("127.0.0.1", "0.0.0.0"), "every interface"),
+    (("--max-model-len 16384 ", ""), "16384"),
+    (("--max-num-seqs 8", "--max-num-seqs 256"), "--max-num-seqs 8"),
+    ((" --api-key lab-secret", ""), "no authentication"),
+    (("--port", "--speculative-model x --port"), "not one of the flags"),
+])
+def test_vllm_serve_exercise_names_each_mistake(change, words, capsys):
+    assert not check("04-vllm-serve", GOOD_VLLM_SERVE.replace(*change))
+    assert words in capsys.readouterr().out
+
+
+def test_vllm_serve_exercise_flags_are_the_installed_vllms():
+    """Every flag the grader accepts is one the installed vLLM's own argument parser defines, and the
+    flag the grader calls gone really is."""
+    import json
+    import subprocess
+
+    from conftest import installed_or_skip
+
+    from labkit.check import VLLM_SERVE_FLAGS
+    from labkit.notebook import vllm_required
+    from labkit.servers import vllm_python
+    python = installed_or_skip(vllm_python, vllm_required(), "vLLM")
+    probe = ("import importlib, json\n"
+             "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+             "for where in ('vllm.entrypoints.launchers.cli_args', 'vllm.entrypoints.openai.cli_args'):\n"
+             "    try: make = importlib.import_module(where).make_arg_parser; break\n"
+             "    except ImportError: pass\n"
+             "parser = make(FlexibleArgumentParser())\n"
+             "print(json.dumps([s for a in parser._actions for s in a.option_strings]))")
+    run = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    defined = set(json.loads(run.stdout.strip().splitlines()[-1]))
+    assert not [flag for flag in VLLM_SERVE_FLAGS if flag not in defined]
+    assert "--model" in defined and "--disable-log-requests" not in defined
+
+
+def test_rrf_exercise_names_each_mistake(capsys):
+    def rrf(rankings, k=60, start=1, best_first=True):
+        scores = {}
+        for ranking in rankings:
+            for rank, item in enumerate(ranking, start):
+                scores[item] = scores.get(item, 0.0) + 1 / (k + rank)
+        return sorted(scores, key=scores.get, reverse=best_first)
+
+    assert check("05-rrf", rrf)
+    assert not check("05-rrf", lambda r, k=60: rrf(r, k, start=0))
+    assert "ranks start at 1" in capsys.readouterr().out
+    assert not check("05-rrf", lambda r, k=60: rrf(r, k, best_first=False))
+    assert "best first" in capsys.readouterr().out
+    assert not check("05-rrf", lambda r, k=60: max(r, key=len))                 # no fusion at all
+    assert "expected" in capsys.readouterr().out
+    assert not check("05-rrf", lambda r, k=60: None)
+    assert "returns None" in capsys.readouterr().out
+
+
+def test_quant_ngl_exercise_is_graded_by_the_offload_planner(capsys):
+    from labkit.check import QUANT_NGL_TASK
+    from labkit.memory import gpu_layers
+    plans = {q: gpu_layers(QUANT_NGL_TASK["model"], QUANT_NGL_TASK["vram_bytes"], q, n_ctx=QUANT_NGL_TASK["n_ctx"])
+             for q in QUANT_NGL_TASK["choices"]}
+    fits = [q for q in QUANT_NGL_TASK["choices"] if plans[q].fully_offloaded]
+    best, too_big = fits[0], QUANT_NGL_TASK["choices"][QUANT_NGL_TASK["choices"].index(fits[0]) - 1]
+    assert best == "Q4_K_M" and plans[best].ngl == 49      # the planner's answer this exercise is written around
+    assert check("07-quant-ngl", (best, plans[best].ngl)) and check("07-quant-ngl", ("q4_k_m", 99))
+    assert not check("07-quant-ngl", (too_big, 99))
+    assert "layers fit" in capsys.readouterr().out
+    assert not check("07-quant-ngl", (fits[1], 99))
+    assert "more precise" in capsys.readouterr().out
+    assert not check("07-quant-ngl", (best, plans[best].n_layers))
+    assert "output layer" in capsys.readouterr().out
+    assert not check("07-quant-ngl", "Q4_K_M")
+    assert "a pair" in capsys.readouterr().out
+
+
+def test_answer_labels_exercise_names_each_mistake(capsys):
+    from labkit.finetune import answer_labels
+    assert answer_labels([1, 2], [1, 2, 7, 8, 0, 5], 0) == ([1, 2, 7, 8, 0], [-100, -100, 7, 8, 0])
+    assert check("10-answer-labels", answer_labels)
+    assert not check("10-answer-labels", lambda p, f, e: (f, list(f)))                         # prompt not masked
+    assert "mask the prompt" in capsys.readouterr().out
+    assert not check("10-answer-labels", lambda p, f, e: (f, [-100] * len(p) + f[len(p):]))    # nothing cut
+    assert "cut after the first end-of-turn" in capsys.readouterr().out
+
+    def drops_end(p, f, e):
+        ids, labels = answer_labels(p, f, e)
+        return ids, [x if x != e or i < len(p) else -100 for i, x in enumerate(labels)]
+    assert not check("10-answer-labels", drops_end)
+    assert "keep the end-of-turn token" in capsys.readouterr().out
