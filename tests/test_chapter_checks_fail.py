@@ -59,7 +59,9 @@ def test_chapter_08_catches_an_autoscaler_without_its_scale_down_window(tmp_path
 def test_chapter_09_catches_a_circuit_breaker_that_never_opens(tmp_path, monkeypatch):
     mutation = (
         "from labkit import router\n"
-        "router.CircuitBreaker.allow = lambda self: True      # every request still goes to the failing backend\n")
+        "def failure(self):\n"
+        "    self.consecutive += 1        # counted, but the breaker never opens: retries and requests go on\n"
+        "router.CircuitBreaker.failure = failure\n")
     result = run_mutated("09", mutation, tmp_path, monkeypatch)
     assert result.status == "failed", "chapter 09 passed with a circuit breaker that never opens"
     assert '"+ circuit breaker", "cloud requests"' in result.error, result.error
