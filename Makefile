@@ -6,13 +6,14 @@ TIER ?= ci
 PORT ?= 8888
 export GPU
 
-.PHONY: help setup lab test lint test-models test-unit test-notebooks run test-gpu lock strip colab clean
+.PHONY: help setup lab test lint test-models test-unit test-notebooks test-mutations run test-gpu lock strip colab clean
 
 help:
 	@echo "make lab        set up (if needed) and open JupyterLab on notebooks/ with the bundled tiny model"
 	@echo "make test       set up (if needed), run the unit tests and execute every notebook (CPU tier)"
 	@echo "make lint       ruff on labkit/, tests/ and the notebooks (part of make test)"
 	@echo "make test-models every chapter again with Gemma 3 270M (a second architecture; installs its packages)"
+	@echo "make test-mutations  break one helper per chapter and check that the chapter's checks catch it"
 	@echo "make run        execute every notebook into build/ (executed .ipynb + HTML) and print a time table"
 	@echo "make setup      build/link .venv and .venv-vllm (GPU=1 for CUDA builds); cached by lock hash"
 	@echo "make test-gpu   on a GPU machine: GPU-tagged cells must run (set-up with GPU=1 first)"
@@ -28,7 +29,7 @@ lab: setup
 	.venv/bin/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 --port=$(PORT) $(if $(DISPLAY),,--no-browser) $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 test: setup lint
-	.venv/bin/python -m pytest -q -ra tests
+	.venv/bin/python -m pytest -q -ra -m "not slow_mutation" tests
 
 lint: setup
 	.venv/bin/ruff check labkit tests notebooks
@@ -37,7 +38,11 @@ test-unit: setup
 	.venv/bin/python -m pytest -q -ra -m "not notebook" tests
 
 test-notebooks: setup
-	.venv/bin/python -m pytest -q -ra -m notebook tests
+	.venv/bin/python -m pytest -q -ra -m "notebook and not slow_mutation" tests
+
+# Every chapter-check mutation test (tests/test_chapter_checks_fail.py), the slower chapters' included.
+test-mutations: setup
+	.venv/bin/python -m pytest -q -ra tests/test_chapter_checks_fail.py
 
 run: setup
 	.venv/bin/labkit run --tier $(TIER)

@@ -8,11 +8,19 @@ from labkit import runner
 NOTEBOOKS = {p.stem[:2]: p for p in runner.discover()}
 
 
-def run_mutated(chapter: str, mutation: str, tmp_path, monkeypatch) -> runner.NotebookResult:
-    startup = tmp_path / "ipython" / "profile_default" / "startup"
-    startup.mkdir(parents=True)
-    (startup / "00-mutation.py").write_text(mutation)
-    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))      # the kernel inherits it
+def run_mutated(chapter: str, mutation: str, tmp_path, monkeypatch, *, in_servers: bool = False) -> runner.NotebookResult:
+    """``in_servers``: the mutation also runs in every Python process the chapter starts (the servers
+    labkit.serve launches inherit the kernel's environment), as a ``sitecustomize`` module."""
+    if in_servers:
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(mutation)
+        monkeypatch.setenv("PYTHONPATH", str(site))
+    else:
+        startup = tmp_path / "ipython" / "profile_default" / "startup"
+        startup.mkdir(parents=True)
+        (startup / "00-mutation.py").write_text(mutation)
+        monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))      # the kernel inherits it
     return runner.execute(NOTEBOOKS[chapter], tier="ci", out_dir=tmp_path / "build", html=False)
 
 
@@ -27,6 +35,26 @@ def test_chapter_00_catches_a_kv_formula_that_forgets_the_values(tmp_path, monke
     result = run_mutated("00", mutation, tmp_path, monkeypatch)
     assert result.status == "failed", "chapter 00 passed with a KV-cache formula half the right size"
     assert "kv_llamacpp_mib" in result.error, result.error      # the check against llama.cpp's own allocation
+
+
+@pytest.mark.notebook
+def test_chapter_02_catches_durations_reported_in_microseconds(tmp_path, monkeypatch):
+    mutation = (
+        "try:\n"
+        "    from labkit.ollama_compat import inference, native\n"
+        "except Exception:        # a process without labkit's server (e.g. the vLLM environment)\n"
+        "    pass\n"
+        "else:\n"
+        "    _right = native.generation\n"
+        "    def generation(*args, **kwargs):\n"
+        "        for event in _right(*args, **kwargs):\n"
+        "            if isinstance(event, inference.Done):     # Ollama's durations are ns; these become µs\n"
+        "                event.stats.update({k: v // 1000 for k, v in event.stats.items() if k.endswith('_duration')})\n"
+        "            yield event\n"
+        "    native.generation = generation\n")
+    result = run_mutated("02", mutation, tmp_path, monkeypatch, in_servers=True)
+    assert result.status == "failed", "chapter 02 passed with durations in microseconds"
+    assert 'r["total_duration"] / 1e9 - wall_s' in result.error, result.error
 
 
 @pytest.mark.notebook
@@ -65,3 +93,68 @@ def test_chapter_09_catches_a_circuit_breaker_that_never_opens(tmp_path, monkeyp
     result = run_mutated("09", mutation, tmp_path, monkeypatch)
     assert result.status == "failed", "chapter 09 passed with a circuit breaker that never opens"
     assert '"+ circuit breaker", "cloud requests"' in result.error, result.error
+
+
+# The slower chapters (2-4 min each): `make test-mutations` runs them; `make test` leaves them out.
+KV_DOUBLED = (
+    "from labkit import memory\n"
+    "_right = memory.kv_cache_bytes\n"
+    "def kv_cache_bytes(*args, **kwargs):\n"
+    "    return 2 * _right(*args, **kwargs)          # K and V counted twice over\n"
+    "memory.kv_cache_bytes = kv_cache_bytes\n")
+
+
+@pytest.mark.notebook
+@pytest.mark.slow_mutation
+def test_chapter_01_catches_a_q6_k_encoder_off_by_one_bit(tmp_path, monkeypatch):
+    mutation = (
+        "from labkit import quant\n"
+        "_right = quant.quantize\n"
+        "def quantize(x, qtype, *args, **kwargs):\n"
+        "    out = _right(x, qtype, *args, **kwargs)\n"
+        "    return bytes([out[0] ^ 1]) + out[1:] if qtype == 'Q6_K' else out    # one low bit of a Q6_K block\n"
+        "quant.quantize = quantize\n")
+    result = run_mutated("01", mutation, tmp_path, monkeypatch)
+    assert result.status == "failed", "chapter 01 passed with a Q6_K encoder that differs from llama.cpp's"
+    assert "assert all(exact.values())" in result.error, result.error
+
+
+@pytest.mark.notebook
+@pytest.mark.slow_mutation
+def test_chapter_04_catches_a_kv_formula_twice_too_large(tmp_path, monkeypatch):
+    result = run_mutated("04", KV_DOUBLED, tmp_path, monkeypatch)
+    assert result.status == "failed", "chapter 04 passed with a KV-cache formula twice the right size"
+    assert "kv_tokens - kv_space / per_token" in result.error, result.error     # vLLM's own KV capacity
+
+
+@pytest.mark.notebook
+@pytest.mark.slow_mutation
+def test_chapter_06_catches_a_bandwidth_bound_ten_times_too_low(tmp_path, monkeypatch):
+    mutation = (
+        "from labkit import bench\n"
+        "_right = bench.decode_bound\n"
+        "bench.decode_bound = lambda *args, **kwargs: _right(*args, **kwargs) / 10\n")
+    result = run_mutated("06", mutation, tmp_path, monkeypatch)
+    assert result.status == "failed", "chapter 06 passed with a decode bound below what the machine measures"
+    assert "measured <= bound" in result.error, result.error
+
+
+@pytest.mark.notebook
+@pytest.mark.slow_mutation
+def test_chapter_07_catches_a_kv_formula_twice_too_large(tmp_path, monkeypatch):
+    result = run_mutated("07", KV_DOUBLED, tmp_path, monkeypatch)
+    assert result.status == "failed", "chapter 07 passed with a KV-cache formula twice the right size"
+    # the memory bracket (predicted weights + KV must not exceed what a load adds) or the context-cost table
+    assert 'rss["predicted w+KV MiB"]' in result.error or "KV cache MiB (formula)" in result.error, result.error
+
+
+@pytest.mark.notebook
+@pytest.mark.slow_mutation
+def test_chapter_10_catches_an_activation_estimate_half_again_too_large(tmp_path, monkeypatch):
+    mutation = (
+        "from labkit import finetune\n"
+        "_right = finetune.activation_bytes\n"
+        "finetune.activation_bytes = lambda *args, **kwargs: 1.5 * _right(*args, **kwargs)\n")
+    result = run_mutated("10", mutation, tmp_path, monkeypatch)
+    assert result.status == "failed", "chapter 10 passed with an activation estimate 50% too large"
+    assert "abs(act_error) <= 0.10" in result.error, result.error
