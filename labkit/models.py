@@ -170,7 +170,8 @@ def get(name_or_path: str | os.PathLike | None = None, *, verify: bool = True) -
 
 
 def describe(name_or_path: str | os.PathLike | None = None) -> dict:
-    """A small fact sheet of a model: path, size, checksum, and what its GGUF header says."""
+    """A small fact sheet of a model: path, size (every part of a split GGUF), checksum (of ``path``, the
+    first part), and what its GGUF header says."""
     path = get(name_or_path)
     info = {"path": str(path)}
     bundled = BUNDLED.get(str(name_or_path or os.environ.get("LABKIT_MODEL") or DEFAULT_MODEL))
@@ -178,8 +179,11 @@ def describe(name_or_path: str | os.PathLike | None = None) -> dict:
         info.update(name=bundled.name, package=bundled.package, license=bundled.license, upstream=bundled.upstream)
     if path.is_file():
         header = read_header(path)
+        files = [Path(p) for p in header.parts] or [path]       # a split model: every part counts
+        if header.parts:
+            info.update(files=[p.name for p in files])
         info.update(
-            size_bytes=path.stat().st_size, sha256=sha256(path), gguf_version=header.version,
+            size_bytes=sum(p.stat().st_size for p in files), sha256=sha256(path), gguf_version=header.version,
             architecture=header.architecture, model_name=header.metadata.get("general.name"),
             parameters=header.n_parameters, n_layers=header.arch_value("block_count"),
             embedding_length=header.arch_value("embedding_length"),
