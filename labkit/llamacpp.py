@@ -52,6 +52,7 @@ import numpy as np
 from .bench import RequestTiming, piece_of, timed_stream  # noqa: F401  (lc.piece_of / lc.timed_stream: chapter 03)
 from .bench import llama_perf as perf
 from .env import DATA_DIR, is_loopback
+from .models import as_request  # noqa: F401  (lc.as_request: chapters 03 and 04)
 
 RETRIEVAL_SET = DATA_DIR / "llamacpp" / "retrieval.json"
 
@@ -211,14 +212,6 @@ def complete_raw(llm, prompt: str, max_tokens: int = 48, **kw) -> dict:
 
 
 # ----------------------------------------------------------------------------- base models (no chat template)
-def as_request(text: str, template: str | None) -> list[dict] | str:
-    """What to send a model for ``text``: one user message when it has a chat ``template``
-    (:func:`labkit.models.chat_template`); for a base model (``None``) a plain-text prompt,
-    ``"Q: <text>\\nA:"`` — the start of a document whose continuation is the answer. A base model
-    continues text; it was never trained on conversation turns."""
-    return [{"role": "user", "content": text}] if template else f"Q: {text}\nA:"
-
-
 def chat_prompt(llm, messages: list[dict]) -> str:
     """The prompt text ``llm.create_chat_completion(messages)`` feeds the model: the GGUF's template
     rendered, or — for a GGUF without one — llama-cpp-python's fallback format (``llm.chat_format``,

@@ -198,6 +198,14 @@ def describe(name_or_path: str | os.PathLike | None = None) -> dict:
     return info
 
 
+def as_request(text: str, template: str | None) -> list[dict] | str:
+    """What to send a model for ``text``: one user message when it has a chat ``template``
+    (:func:`labkit.models.chat_template`); for a base model (``None``) a plain-text prompt,
+    ``"Q: <text>\\nA:"`` — the start of a document whose continuation is the answer. A base model
+    continues text; it was never trained on conversation turns."""
+    return [{"role": "user", "content": text}] if template else f"Q: {text}\nA:"
+
+
 def chat_template(name_or_path: str | os.PathLike | None = None) -> str | None:
     """The chat template a model carries, or ``None`` when it has none (chapters 00 and 03).
 

@@ -307,14 +307,16 @@ def system_info() -> str:
 
 
 # ----------------------------------------------------------------------------- clients that go away
-def abandoned_request(server, *, stream: bool, max_tokens: int = 1500, give_up_after_s: float = 0.5) -> float:
+def abandoned_request(server, *, stream: bool, max_tokens: int = 1500, give_up_after_s: float = 0.5,
+                      chat: bool = True) -> float:
     """Seconds a follow-up request waited after a client abandoned a long chat completion.
 
     The abandoned request asks for ``max_tokens`` tokens with hot sampling (so it would really run
     long) and is dropped after its first streamed line, or ``give_up_after_s`` into a non-streamed
     answer — what an interrupted notebook cell or a client timeout does. A server that cancels
     generation when its client leaves answers the follow-up at once; one that does not makes it
-    wait for the abandoned answer to finish.
+    wait for the abandoned answer to finish. ``chat=False`` sends text completions (``/v1/completions``),
+    for a base model without a chat template.
     """
     import http.client
     import json
@@ -323,19 +325,24 @@ def abandoned_request(server, *, stream: bool, max_tokens: int = 1500, give_up_a
     import urllib.request
     url = urllib.parse.urlparse(server.base_url)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {server.api_key}"} if server.api_key else {})}
+    from .models import as_request
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+
+    def ask(text: str) -> dict:
+        return {"messages" if chat else "prompt": as_request(text, "chat" if chat else None)}
     body = {"model": server.model, "max_tokens": max_tokens, "temperature": 2.0, "top_p": 1.0, "seed": 7, "stream": stream,
-            "messages": [{"role": "user", "content": "Tell me a long story about the sea."}]}
+            **ask("Tell me a long story about the sea.")}
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
+    conn.request("POST", route, body=json.dumps(body), headers=headers)
     if stream:
         conn.getresponse().readline()
     else:
         time.sleep(give_up_after_s)
     conn.sock.shutdown(2)
     conn.close()
-    follow_up = {"model": server.model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    follow_up = {"model": server.model, "max_tokens": 4, **ask("Hi")}
     t0 = time.monotonic()
-    req = urllib.request.Request(server.base_url + "/v1/chat/completions", data=json.dumps(follow_up).encode(),
+    req = urllib.request.Request(server.base_url + route, data=json.dumps(follow_up).encode(),
                                  headers=headers, method="POST")
     with urllib.request.urlopen(req, timeout=300) as resp:
         resp.read()
