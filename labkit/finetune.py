@@ -48,6 +48,16 @@ QUESTIONS_PATH = DATA_DIR / "rag" / "questions.jsonl"
 # numbers before and after training compare with chapter 05's.
 SYSTEM = "Answer the question with a short answer of a few words."
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# A chat format for a base model that has none (Gemma 3 270M, chapter 10's second test model): plain text around
+# the model's own BOS and EOS, no new tokens, so the adapter still fits the base GGUF. TRL's setup_chat_format does
+# the same job with ChatML and added tokens (which resizes the embeddings). The answer follows "Short answer:"
+# after a space and ends with EOS, where generation stops.
+PLAIN_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+                       "{% elif m['role'] == 'user' %}{{ m['content'] }}"
+                       "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+# The same prompt in Ollama's Go template language, for a Modelfile TEMPLATE (Ollama adds the BOS itself and stops at
+# EOS); a real Ollama cannot translate an unknown Jinja template, so a Modelfile must say it.
+PLAIN_OLLAMA_TEMPLATE = "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
 
 
 class DatasetError(LabkitError, ValueError):
@@ -217,11 +227,20 @@ def bf16_native() -> bool:
         return False
 
 
+def with_chat_format(tokenizer):
+    """``tokenizer``, given :data:`PLAIN_CHAT_TEMPLATE` if it has no chat template of its own (a base model)."""
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
 def load_base(folder: str | os.PathLike, dtype: str = "float32"):
-    """(model, tokenizer) of an HF folder, SDPA attention, in ``dtype``, ready for training or generation."""
+    """(model, tokenizer) of an HF folder, SDPA attention, in ``dtype``, ready for training or generation.
+    A tokenizer without a chat template (a base model) gets :data:`PLAIN_CHAT_TEMPLATE`, so that training,
+    evaluation and the merged model (which saves it) all use one format."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = with_chat_format(AutoTokenizer.from_pretrained(str(folder)))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype), attn_implementation="sdpa")
     return model, tokenizer
 
@@ -312,8 +331,10 @@ def base_digest(folder: str | os.PathLike) -> str:
 
 def cache_key(settings: LoraSettings, base_folder, train_path=TRAIN_PATH) -> str:
     """16 hex digits that change with the training data, the settings or the base model's weights."""
+    from .models import chat_template
     blob = json.dumps({"data": sha256(train_path), "settings": settings.key_fields(), "base": base_digest(base_folder),
-                       "format": 2}, sort_keys=True)
+                       "format": 2, **({} if chat_template(base_folder) else {"template": PLAIN_CHAT_TEMPLATE})},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -10,7 +10,8 @@ Each helper does one thing the chapter would otherwise repeat, with the edge cas
 * :func:`token_pieces` — what the tokenizer did to a text (ids, byte pieces).
 * :func:`chat_template` / :func:`render_chat` — the template stored in the GGUF, rendered the
   way llama-cpp-python renders it (jinja2, with the file's BOS/EOS strings); :func:`chat_prompt` —
-  the prompt a chat request really becomes (the fallback format when the GGUF has no template).
+  the prompt a chat request really becomes (the fallback format when the GGUF has no template);
+  :func:`use_chat_template` — chat with a template the GGUF lacks (a base model's, chapter 10).
 * :func:`as_request` / :func:`create` / :func:`generate` / :func:`server_create` — one request for
   chat models (messages) and base models (a plain-text prompt: they continue text).
 * :func:`sampling_table` / :func:`greedy_runs` — fixed-seed comparisons and greedy determinism.
@@ -192,6 +193,15 @@ def render_chat(template: str, messages: list[dict], *, bos_token: str = "", eos
     fmt = Jinja2ChatFormatter(template, eos_token=eos_token, bos_token=bos_token,
                               add_generation_prompt=add_generation_prompt)
     return fmt(messages=messages).prompt
+
+
+def use_chat_template(llm, template: str):
+    """Make ``llm.create_chat_completion`` render ``template`` (Jinja, with the model's own BOS/EOS) instead of
+    the GGUF's template or llama-cpp-python's fallback — for a base model given a chat format (chapter 10)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    llm.chat_handler = Jinja2ChatFormatter(template, eos_token=special_token(llm, "eos"),
+                                           bos_token=special_token(llm, "bos")).to_chat_handler()
+    return llm
 
 
 # Templates of *other* model families, written here to show what a mismatch does. They are

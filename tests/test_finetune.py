@@ -199,6 +199,38 @@ def test_settings_refuse_nonsense():
         ft.LoraSettings(r=0)
 
 
+def test_base_model_gets_one_chat_format_in_transformers_and_llama_cpp(tmp_path):
+    """A tokenizer without a chat template (a base model) gets PLAIN_CHAT_TEMPLATE: the answer is learned up to
+    and including EOS, and llama.cpp, given the same template, feeds the model exactly the tokens trained on."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from labkit import llamacpp, models
+    folder = models.hf_folder("smollm2", dtype="float32")
+    shutil.copy(folder / "tokenizer.json", tmp_path)         # not chat_template.jinja: no template
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert not tokenizer.chat_template
+    tokenizer = ft.with_chat_format(tokenizer)
+    row = ft.load_split()[0][0]
+    ids, labels = ft.encode(tokenizer, row)
+    learned = [t for t in labels if t != -100]
+    assert learned[-1] == tokenizer.eos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(learned[:-1]) == " " + row["messages"][-1]["content"]
+    prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
+    assert prompt == tokenizer.bos_token + ft.SYSTEM + "\n\n" + row["messages"][1]["content"]
+
+    llm, _ = llamacpp.load(models.get("smollm2"), n_ctx=256)
+    assert llamacpp.render_chat(ft.PLAIN_CHAT_TEMPLATE, row["messages"][:-1], bos_token=llamacpp.special_token(llm, "bos"),
+                                eos_token=llamacpp.special_token(llm, "eos")) == prompt
+    llamacpp.use_chat_template(llm, ft.PLAIN_CHAT_TEMPLATE)
+    usage = llm.create_chat_completion(messages=row["messages"][:-1], max_tokens=1, temperature=0)["usage"]
+    assert usage["prompt_tokens"] == len(ids) - len(learned)
+
+
 # ----------------------------------------------------------------------------- end to end, real engines
 def test_tiny_lora_trains_and_round_trips_through_llama_cpp(tmp_path):
     """A few real steps on SmolLM2: the loss falls; the adapter converts to GGUF, llama.cpp applies it
