@@ -444,9 +444,14 @@ def train_cached(settings: LoraSettings, base_folder, train_path=TRAIN_PATH, *, 
 
 
 # ----------------------------------------------------------------------------- parameters and memory
+# HF model types whose blocks have the extra norms TransformerShape counts (from transformers' modeling files)
+QK_NORM_TYPES = {"gemma3", "gemma3_text", "qwen3", "qwen3_moe"}
+SANDWICH_NORM_TYPES = {"gemma2", "gemma3", "gemma3_text"}
+
+
 @dataclass(frozen=True)
 class TransformerShape:
-    """The sizes of a Llama/Qwen2-style decoder that decide its training memory."""
+    """The sizes of a Llama/Qwen2-style decoder that decide its training memory (and Gemma 3's extra norms)."""
     name: str
     hidden: int
     intermediate: int
@@ -458,6 +463,8 @@ class TransformerShape:
     tied_embeddings: bool
     qkv_bias: bool = False
     source: str = ""
+    qk_norm: bool = False           # an RMSNorm on each head's query and key (Gemma 3, Qwen3)
+    sandwich_norms: bool = False    # two more norms per block, on the attention's and the MLP's outputs (Gemma 2/3)
 
     @classmethod
     def from_config(cls, config: dict | str | os.PathLike, name: str = "") -> "TransformerShape":
@@ -471,7 +478,9 @@ class TransformerShape:
                    layers=config["num_hidden_layers"], heads=heads, kv_heads=config.get("num_key_value_heads", heads),
                    head_dim=config.get("head_dim") or config["hidden_size"] // heads, vocab=config["vocab_size"],
                    tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-                   qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")))
+                   qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+                   qk_norm=config.get("model_type") in QK_NORM_TYPES,
+                   sandwich_norms=config.get("model_type") in SANDWICH_NORM_TYPES)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer of one decoder block."""
@@ -488,7 +497,7 @@ class TransformerShape:
     @property
     def n_params(self) -> int:
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        norms = self.layers * 2 * self.hidden + self.hidden
+        norms = self.layers * ((2 + 2 * self.sandwich_norms) * self.hidden + 2 * self.head_dim * self.qk_norm) + self.hidden
         return self.linear_params + embeddings + norms
 
 
@@ -524,7 +533,9 @@ def activation_bytes(shape: TransformerShape, tokens: int, *, r: int = 0, target
     reading it trains (h each); SDPA's query, key and value (key and value repeated to all heads)
     and output (4·h); the attention output entering o_proj when it trains (h); in the MLP the gate,
     SiLU(gate) and up (3·i) and their product when down_proj trains (i); LoRA's r-wide
-    intermediate per adapted layer. All trained: 9·h + 4·i.
+    intermediate per adapted layer. All trained: 9·h + 4·i. Gemma 3's extra norms keep their inputs
+    too: 2·h for the norms on the attention's and MLP's outputs, and the query and key (q + kv) for
+    its per-head norms.
 
     ``compute``: ``fp32`` (4 bytes each), ``bf16`` (a bf16 model, 2 bytes), or ``autocast`` (fp32
     weights, bf16 matmuls, as ``torch.autocast`` on a CPU): residuals stay fp32, the rest is bf16,
@@ -539,12 +550,13 @@ def activation_bytes(shape: TransformerShape, tokens: int, *, r: int = 0, target
     n_attn_in, n_mlp_in = len(t & {"q_proj", "k_proj", "v_proj"}), len(t & {"gate_proj", "up_proj"})
     lora_mid = r * len(t) if r else 0
     rest = 4 * q + q * ("o_proj" in t) + 3 * i + i * ("down_proj" in t) + lora_mid
-    if compute == "autocast":          # own bf16 copy per trained layer; residuals fp32; frozen weights' copies
-        per_block = 2 * h * 4 + (h * n_attn_in + h * n_mlp_in + rest) * 2
+    norm_inputs = 2 * h + 2 * h * shape.sandwich_norms + (q + shape.kv_heads * shape.head_dim) * shape.qk_norm
+    if compute == "autocast":          # own bf16 copy per trained layer; norms in fp32; frozen weights' copies
+        per_block = norm_inputs * 4 + (h * n_attn_in + h * n_mlp_in + rest) * 2
         frozen = (shape.linear_params + shape.vocab * shape.hidden) * 2 if r else 0    # + the output layer
     else:
         width = 4 if compute == "fp32" else 2
-        per_block = (2 * h + h * bool(n_attn_in) + h * bool(n_mlp_in) + rest) * width
+        per_block = (norm_inputs + h * bool(n_attn_in) + h * bool(n_mlp_in) + rest) * width
         frozen = 0
     blocks = (shape.layers * h * (4 if compute != "bf16" else 2) + per_block) if checkpointing else shape.layers * per_block
     return tokens * blocks + frozen

@@ -100,15 +100,17 @@ def test_expensive_steps_refuse_a_model_too_big_for_free_memory(monkeypatch, tmp
 
 @needs_split_tool
 @pytest.mark.notebook
-def test_chapter_00_runs_on_a_split_model_in_a_japanese_folder(split_model, tmp_path):
+@pytest.mark.parametrize("number", ["00", "03"])
+def test_chapter_runs_on_a_split_model_in_a_japanese_folder(number, split_model, tmp_path):
     """The whole of chapter 00 (hardware, model facts from the file, first chat in-process and through a
-    server, what fits), pointed at part 2 of a split copy whose folder name has Japanese and spaces."""
+    server, what fits) and of chapter 03 (llama.cpp in-process and its native programs: server, bench,
+    quantize, perplexity), pointed at part 2 of a split copy whose folder name has Japanese and spaces."""
     from labkit import runner
     folder = tmp_path / "日本語 モデル" / "split parts"
     folder.mkdir(parents=True)
     for part in split_model:
         shutil.copy(part, folder / part.name)
-    chapter = next(p for p in runner.discover() if p.stem.startswith("00"))
+    chapter = next(p for p in runner.discover() if p.stem.startswith(number))
     result = runner.execute(chapter, tier="ci", out_dir=tmp_path / "build", html=False,
                             parameters={"model": str(folder / split_model[1].name)})
     assert result.ok, result.error

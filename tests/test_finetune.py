@@ -1,5 +1,6 @@
 """labkit.finetune (chapter 10): the data split, the memory arithmetic against hand-checked numbers,
 the cache key, bad adapters, and one real LoRA run through convert_lora_to_gguf.py and llama.cpp."""
+import dataclasses
 import json
 
 import numpy as np
@@ -63,6 +64,21 @@ def test_shape_from_a_real_config():
     shape = ft.TransformerShape.from_config(smollm2, name="SmolLM2-135M")
     assert shape.n_params == 134_515_008           # what PEFT reports as the base's parameters
     assert ft.lora_parameter_count(shape, 8) == 2_442_240
+
+
+def test_gemma3_shape_counts_its_extra_norms():
+    """Gemma 3 270M (its config.json): a norm on each head's query and key and two more per block. The count
+    equals transformers' own (268,098,176 parameters, summed over the model built on the meta device)."""
+    gemma3 = {"hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144, "tie_word_embeddings": True,
+              "model_type": "gemma3_text"}
+    shape = ft.TransformerShape.from_config(gemma3, name="Gemma 3 270M")
+    assert shape.qk_norm and shape.sandwich_norms
+    assert shape.n_params == 268_098_176
+    plain = dataclasses.replace(shape, qk_norm=False, sandwich_norms=False)
+    h, q, kv = 640, 4 * 256, 256
+    # fp32: the four norms' inputs (4h) and the query and key before their norms (q + kv), per token per block
+    assert ft.activation_bytes(shape, 1, compute="fp32") - ft.activation_bytes(plain, 1, compute="fp32") == 18 * (2 * h + q + kv) * 4
 
 
 # ----------------------------------------------------------------------------- data
