@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import statistics
 import time
@@ -523,8 +524,9 @@ def speculation_table(model_path, setups: dict[str, dict], tasks: dict[str, list
     ``setups`` maps a label to extra ``labkit.serve`` options (``{}`` is plain decoding, the
     reference); each set-up gets one server, answers every task once untimed, then ``repeats``
     times; the best generation rate counts (``serve_options``, e.g. ``threads``, apply to every
-    set-up). Each row says whether the text equals plain
-    decoding's and how many drafted tokens the target accepted.
+    set-up). Each row says whether the text equals plain decoding's, which share of plain decoding's
+    text it repeats before the first difference ("same start"), and how many drafted tokens the
+    target accepted.
     """
     from .servers import serve
     if "plain" not in setups:
@@ -541,7 +543,8 @@ def speculation_table(model_path, setups: dict[str, dict], tasks: dict[str, list
                 rows.append({"set-up": label, "task": task, "tok/s": best["predicted_per_second"],
                              "drafted": best["draft_n"], "accepted": best["draft_n_accepted"],
                              "acceptance": best["draft_n_accepted"] / best["draft_n"] if best["draft_n"] else float("nan"),
-                             "same text as plain": text == plain_text[task]})
+                             "same text as plain": text == plain_text[task],
+                             "same start": len(os.path.commonprefix([text, plain_text[task]])) / max(1, len(plain_text[task]))})
     for row in rows:
         row["speed-up"] = row["tok/s"] / next(r["tok/s"] for r in rows if r["set-up"] == "plain" and r["task"] == row["task"])
     return rows

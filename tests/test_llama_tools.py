@@ -97,7 +97,7 @@ def test_speculation_table_reads_draft_counters_and_keeps_the_text(smollm2_path)
     rows = {r["set-up"]: r for r in llamacpp.speculation_table(smollm2_path, setups, tasks, max_tokens=32, repeats=1)}
     assert rows["plain"]["drafted"] == 0 and rows["plain"]["speed-up"] == 1.0
     assert rows["ngram"]["drafted"] > 0 and 0 < rows["ngram"]["accepted"] <= rows["ngram"]["drafted"], rows
-    assert rows["ngram"]["same text as plain"], rows
+    assert rows["ngram"]["same text as plain"] and rows["ngram"]["same start"] == rows["plain"]["same start"] == 1.0, rows
     with pytest.raises(ValueError, match="plain"):
         llamacpp.speculation_table(smollm2_path, {"ngram": setups["ngram"]}, tasks)
 
