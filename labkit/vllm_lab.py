@@ -7,7 +7,7 @@ and its ``/tmp/vllm_dist_*`` rendezvous files are removed.
 
 For the server, use ``labkit.serve("vllm")``; :func:`parse_metrics` turns its Prometheus
 ``/metrics`` text into rows, and :func:`kv_cache_tokens` reads the KV-cache capacity vLLM
-logs at start-up.
+logs at start-up (:func:`kv_capacity_tokens` predicts it).
 
 >>> rows = parse_metrics('# HELP x\\nvllm:num_requests_running{model_name="m"} 2.0\\n'
 ...                      'vllm:prompt_tokens_total{model_name="m"} 1.5e3\\n')
@@ -71,6 +71,33 @@ def kv_cache_tokens(log_text: str) -> int | None:
     """The KV-cache capacity in tokens that vLLM logs at start-up ("KV cache size: N tokens")."""
     m = re.findall(r"KV cache size:\s*([\d,]+)\s*tokens", log_text)
     return int(m[-1].replace(",", "")) if m else None
+
+
+CPU_BLOCK_SIZE = 128      # tokens per KV block, vLLM's default on a CPU (vllm/platforms/cpu.py)
+
+
+def kv_capacity_tokens(hf_config: dict, per_token_bytes: float, kv_space_bytes: float, max_model_len: int,
+                       block_size: int = CPU_BLOCK_SIZE) -> int:
+    """The KV capacity vLLM logs at start-up (chapter 04): how many requests of ``max_model_len``
+    tokens its pool of blocks admits, times ``max_model_len``. ``per_token_bytes`` is every layer's
+    K and V for one token (:meth:`labkit.memory.ModelConfig.kv_cache_bytes`).
+
+    A full-attention layer needs blocks for ``max_model_len`` tokens. A sliding-window layer (the
+    config's ``layer_types``, Gemma 3's) is admitted for its window plus a whole prompt in flight —
+    at 2k context no fewer tokens — and one spare block, because the window may straddle a block
+    boundary (vllm/v1/kv_cache_interface.py, ``SlidingWindowSpec``). Without such layers this is
+    the pool ÷ bytes per token, in whole blocks. (vLLM also pads its layer groups to one size; a
+    model whose layer types do not divide evenly can come out a block or two lower.)
+
+    >>> cfg = {"num_hidden_layers": 30}                       # SmolLM2: 30 full-attention layers
+    >>> kv_capacity_tokens(cfg, 23040, 2**30, 2048)            # 1 GiB ÷ 23,040 B = 46,603 tokens
+    46600
+    """
+    types = hf_config.get("layer_types") or ["full_attention"] * hf_config["num_hidden_layers"]
+    full = -(-max_model_len // block_size)
+    per_request = sum(full + 1 if t == "sliding_attention" else full for t in types)
+    pool = int(kv_space_bytes // (block_size * per_token_bytes / len(types)))      # one layer's blocks
+    return int(pool / per_request * max_model_len)
 
 
 def vllm_children() -> list:
