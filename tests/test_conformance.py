@@ -43,3 +43,15 @@ def test_llama_server_as_measured_in_chapter_03():
     with labkit.serve("llama-server", "smollm2", jinja=True, chat_template_file=str(toolcall.chatml_tool_template())) as srv:
         got = outcomes(conformance.probe(srv))
     assert got == EXPECTED_LLAMA_SERVER, got
+
+
+def test_json_schema_cut_by_max_tokens_counts_only_while_it_still_fits_the_schema():
+    """A base model rambles inside the JSON string until max_tokens cuts it (Gemma 3 270M on llama-server):
+    the grammar held. Text that is not JSON, or JSON of another shape, did not."""
+    def reply(text, finish):
+        return {"choices": [{"message": {"content": text}, "finish_reason": finish}]}
+    assert conformance._json_schema(reply('{"colour": "blue"}', "stop"))[0]
+    assert conformance._json_schema(reply('{\n    "colour": "1000000000', "length"))[0]
+    assert not conformance._json_schema(reply('{\n    "colour": "1000000000', "stop"))[0]
+    assert not conformance._json_schema(reply("Blue is a colour that", "length"))[0]
+    assert not conformance._json_schema(reply('{"name": "blu', "length"))[0]
