@@ -37,12 +37,13 @@ COLOUR_SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}},
 
 
 def classify(status: int, effect: bool | None) -> str:
-    """The outcome of one probe from its HTTP status and whether the field took effect."""
+    """The outcome of one probe from its HTTP status and whether the field took effect (``None``: the reply
+    cannot tell, e.g. the model stopped before a limit could bite)."""
     if status >= 500:
         return "server error 5xx"
     if status >= 400:
         return "refused 4xx"
-    return "honoured" if effect else "ignored"
+    return "inconclusive" if effect is None else "honoured" if effect else "ignored"
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ def _content(reply: dict) -> str:
 
 
 def _max_completion_tokens(reply):
-    used = reply["usage"]["completion_tokens"]
+    used, finish = reply["usage"]["completion_tokens"], reply["choices"][0].get("finish_reason")
+    if used < 3 and finish != "length":     # the model stopped by itself: the limit was never tested
+        return None, f"{used} completion tokens, finish_reason {finish!r}: the model stopped before the limit of 3"
     return used <= 3, f"{used} completion tokens for a limit of 3"
 
 

@@ -55,3 +55,12 @@ def test_json_schema_cut_by_max_tokens_counts_only_while_it_still_fits_the_schem
     assert not conformance._json_schema(reply('{\n    "colour": "1000000000', "stop"))[0]
     assert not conformance._json_schema(reply("Blue is a colour that", "length"))[0]
     assert not conformance._json_schema(reply('{"name": "blu', "length"))[0]
+
+
+def test_a_model_that_stops_before_the_limit_leaves_max_completion_tokens_untested():
+    def reply(used, finish):
+        return {"usage": {"completion_tokens": used}, "choices": [{"finish_reason": finish}]}
+    assert conformance._max_completion_tokens(reply(3, "length"))[0] is True
+    assert conformance._max_completion_tokens(reply(9, "length"))[0] is False
+    effect, detail = conformance._max_completion_tokens(reply(0, "stop"))      # Gemma 3 base, fallback chat format
+    assert effect is None and conformance.classify(200, effect) == "inconclusive" and "stopped" in detail
