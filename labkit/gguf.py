@@ -362,8 +362,8 @@ def to_float(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f16")
 
     Matrices become ``dtype``; 1-D tensors (norms, biases) stay F32, as llama.cpp keeps them.
     Tokenizer, chat template and hyper-parameters are copied unchanged; ``general.file_type``
-    is updated. The file is written to a temporary name and renamed, so a crash leaves no
-    half-written model behind.
+    is updated. A split model (any of its parts) becomes one file. The file is written to a
+    temporary name and renamed, so a crash leaves no half-written model behind.
     """
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
     from gguf import quants as gguf_quants
@@ -374,22 +374,21 @@ def to_float(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f16")
     dtype = dtype.lower()
     if dtype not in ("f16", "f32"):
         raise ValueError(f"dtype must be 'f16' or 'f32', got {dtype!r}")
-    header = read_header(src)              # clear errors for a bad file before the gguf package sees it
-    if header.parts:
-        raise ValueError(f"{src} is a split model: merge it first (llama-gguf-split --merge {header.parts[0]} OUT.gguf)")
+    header = read_header(src)              # clear errors for a bad file (or a missing part) before the gguf package sees it
     # every dequantized tensor is held in memory until the file is written
     from .hardware import ensure_free_memory
     out_bytes = header.n_parameters * (2 if dtype == "f16" else 4)
     ensure_free_memory(out_bytes, f"Dequantizing {Path(src).name} to {dtype.upper()} ({header.n_parameters / 1e9:.2f}B parameters)",
                        "Quantize from the original F16/BF16 weights instead, use a smaller model, or free memory.")
-    reader = GGUFReader(str(src))
-    arch = reader.fields["general.architecture"].contents()
+    readers = [GGUFReader(str(part)) for part in (header.parts or [src])]    # metadata lives in part 1
+    arch = readers[0].fields["general.architecture"].contents()
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".part")
     writer = GGUFWriter(str(tmp), arch)
-    _copy_metadata(reader, writer, skip={"general.architecture", "general.file_type", "general.quantization_version"})
+    _copy_metadata(readers[0], writer, skip={"general.architecture", "general.file_type", "general.quantization_version",
+                                              "split.no", "split.count", "split.tensors.count"})
     writer.add_key_value("general.file_type", 1 if dtype == "f16" else 0, GGUFValueType.UINT32)  # LLAMA_FTYPE_MOSTLY_F16 / ALL_F32
-    for t in reader.tensors:
+    for t in (t for reader in readers for t in reader.tensors):
         shape = tuple(int(s) for s in reversed(t.shape))          # numpy order: row length last
         raw = np.asarray(t.data)
         name = t.tensor_type.name

@@ -55,6 +55,20 @@ def test_split_model_runs_in_the_engines(split_model, smollm2_path):
 
 
 @needs_split_tool
+def test_split_model_dequantizes_to_the_same_file_as_the_whole(split_model, smollm2_path, tmp_path):
+    """to_float (the first step of chapter 01's ladder, and of chapter 03's draft model) reads every part:
+    the same tensors, the same values, the same metadata as from the unsplit file, and no split keys."""
+    from gguf import GGUFReader
+    whole = GGUFReader(str(gguf.to_float(smollm2_path, tmp_path / "whole.gguf")))
+    split = GGUFReader(str(gguf.to_float(split_model[1], tmp_path / "split.gguf")))
+    assert [t.name for t in split.tensors] == [t.name for t in whole.tensors]
+    assert all((a.data == b.data).all() for a, b in zip(split.tensors, whole.tensors))
+    assert [k for k in split.fields if k.startswith("split.")] == []
+    assert {k: v.contents() for k, v in split.fields.items() if not k.startswith("GGUF.")} == \
+           {k: v.contents() for k, v in whole.fields.items() if not k.startswith("GGUF.")}
+
+
+@needs_split_tool
 def test_missing_or_foreign_part_is_named(split_model, tmp_path):
     gap = tmp_path / "gap"
     gap.mkdir()
