@@ -353,7 +353,8 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
         return Server(engine, name or ollama_names.get(key, key), oh, op, api_key, [], Path(os.devnull))
     model_key = str(model) if model else (os.environ.get("LABKIT_MODEL") or models.DEFAULT_MODEL)
     model_path = models.get(model_key)
-    name = name or (model_key if model_key in models.BUNDLED else model_path.stem)
+    # a split model is served under its name without the part suffix ("qwen2.5-7b-instruct-q4_k_m-00001-of-00002")
+    name = name or (model_key if model_key in models.BUNDLED else re.sub(r"-\d{5}-of-\d{5}$", "", model_path.stem))
     if engine == "ollama":
         name = ollama_names.get(name, name)
         # Ollama names allow letters, digits, '.', '_', '-': a file called "スモール LM.gguf" is served as "lm"

@@ -49,7 +49,8 @@ def test_split_model_runs_in_the_engines(split_model, smollm2_path):
     whole = Llama(model_path=str(smollm2_path), **kw).create_completion(prompt, max_tokens=8, temperature=0)
     split = Llama(model_path=str(models.get(split_model[1])), **kw).create_completion(prompt, max_tokens=8, temperature=0)
     assert split["choices"][0]["text"] == whole["choices"][0]["text"]
-    with labkit.serve("llama-server", split_model[0]) as srv:
+    with labkit.serve("llama-server", split_model[1]) as srv:       # served under the model's name, not a part's
+        assert srv.model == "smollm2" and [m.id for m in srv.openai().models.list().data] == ["smollm2"]
         reply = srv.openai().completions.create(model=srv.model, prompt=prompt, max_tokens=8, temperature=0)
         assert reply.choices[0].text == whole["choices"][0]["text"]
 
