@@ -2,6 +2,10 @@
 
 Chapter map (where each helper is introduced):
 
+Engine modules are named ``<engine>_lab`` (:mod:`labkit.llamacpp_lab`, :mod:`labkit.vllm_lab`,
+:mod:`labkit.ollama_lab`); the old names ``labkit.llamacpp``, ``labkit.ollama_compat`` and
+``labkit.eval`` remain aliases for one release.
+
 * bottom layer, imported by everything and importing nothing of labkit: :mod:`labkit.env`
   (paths, :func:`data_path`, cache, ports, loopback, interpreters, threads, progress) and
   :mod:`labkit.errors`.
@@ -11,10 +15,10 @@ Chapter map (where each helper is introduced):
   (``%%gpu`` cells, chapter timer), :mod:`labkit.check` (exercise feedback).
 * 01 quantization: :mod:`labkit.quant` (ggml block formats), :mod:`labkit.gguf` (inspect, to_float,
   quantize, ladder), :mod:`labkit.quality` (perplexity, KL-divergence; formerly ``labkit.eval``), :mod:`labkit.memory` (estimator).
-* 02 Ollama: :mod:`labkit.ollama_compat` (the Ollama-compatible server, a subpackage: store,
+* 02 Ollama: :mod:`labkit.ollama_lab` (the Ollama-compatible server, a subpackage: store,
   scheduler, service, create planner, native handlers, OpenAI translator), :mod:`labkit.modelfile`,
   :mod:`labkit.cancellable` (generation stopped when its client goes away).
-* 03 llama.cpp: :mod:`labkit.llamacpp`, :mod:`labkit.llama_tools` (llama.cpp's own programs:
+* 03 llama.cpp: :mod:`labkit.llamacpp_lab`, :mod:`labkit.llama_tools` (llama.cpp's own programs:
   ``llama-server``, ``llama-bench``, ...), :mod:`labkit.conformance` (the OpenAI requests real
   clients send, probed against a server).
 * 04 vLLM: :mod:`labkit.vllm_lab` (offline engine, /metrics), :mod:`labkit.paging` (simulators).

@@ -145,7 +145,7 @@ def timed_stream(stream: Iterable[Any], t0: float | None = None, *, echo: Callab
 # ----------------------------------------------------------------------------- llama.cpp in-process
 def llama_perf(llm) -> dict:
     """llama.cpp's own counters since the last reset: prefill/decode tokens and milliseconds
-    (``labkit.llamacpp.perf`` in chapter 03)."""
+    (``labkit.llamacpp_lab.perf`` in chapter 03)."""
     import llama_cpp
     d = llama_cpp.llama_perf_context(llm.ctx)
     return {"prompt_tokens": int(d.n_p_eval), "prompt_ms": float(d.t_p_eval_ms),

@@ -149,7 +149,7 @@ def chat_box(engine, *, model: str | None = None, system: str | None = None, max
 
     For an OpenAI client (e.g. ``server.openai()``), pass ``model``. History is kept, so follow-up
     questions work; each reply ends with its measured time to first token and decode speed
-    (:func:`labkit.llamacpp.timed_stream`). ``.send(text)`` does what pressing Send does.
+    (:func:`labkit.llamacpp_lab.timed_stream`). ``.send(text)`` does what pressing Send does.
     """
     import ipywidgets as w
 

@@ -41,7 +41,7 @@ def test_chapter_00_catches_a_kv_formula_that_forgets_the_values(tmp_path, monke
 def test_chapter_02_catches_durations_reported_in_microseconds(tmp_path, monkeypatch):
     mutation = (
         "try:\n"
-        "    from labkit.ollama_compat import inference, native\n"
+        "    from labkit.ollama_lab import inference, native\n"
         "except Exception:        # a process without labkit's server (e.g. the vLLM environment)\n"
         "    pass\n"
         "else:\n"

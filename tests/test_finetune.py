@@ -222,7 +222,7 @@ def test_base_model_gets_one_chat_format_in_transformers_and_llama_cpp(tmp_path)
 
     from transformers import AutoTokenizer
 
-    from labkit import llamacpp, models
+    from labkit import llamacpp_lab, models
     folder = models.hf_folder("smollm2", dtype="float32")
     shutil.copy(folder / "tokenizer.json", tmp_path)         # not chat_template.jinja: no template
     config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -239,10 +239,10 @@ def test_base_model_gets_one_chat_format_in_transformers_and_llama_cpp(tmp_path)
     prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
     assert prompt == tokenizer.bos_token + ft.SYSTEM + "\n\n" + row["messages"][1]["content"]
 
-    llm, _ = llamacpp.load(models.get("smollm2"), n_ctx=256)
-    assert llamacpp.render_chat(ft.PLAIN_CHAT_TEMPLATE, row["messages"][:-1], bos_token=llamacpp.special_token(llm, "bos"),
-                                eos_token=llamacpp.special_token(llm, "eos")) == prompt
-    llamacpp.use_chat_template(llm, ft.PLAIN_CHAT_TEMPLATE)
+    llm, _ = llamacpp_lab.load(models.get("smollm2"), n_ctx=256)
+    assert llamacpp_lab.render_chat(ft.PLAIN_CHAT_TEMPLATE, row["messages"][:-1], bos_token=llamacpp_lab.special_token(llm, "bos"),
+                                eos_token=llamacpp_lab.special_token(llm, "eos")) == prompt
+    llamacpp_lab.use_chat_template(llm, ft.PLAIN_CHAT_TEMPLATE)
     usage = llm.create_chat_completion(messages=row["messages"][:-1], max_tokens=1, temperature=0)["usage"]
     assert usage["prompt_tokens"] == len(ids) - len(learned)
 
@@ -251,7 +251,7 @@ def test_base_model_gets_one_chat_format_in_transformers_and_llama_cpp(tmp_path)
 def test_tiny_lora_trains_and_round_trips_through_llama_cpp(tmp_path):
     """A few real steps on SmolLM2: the loss falls; the adapter converts to GGUF, llama.cpp applies it
     (the next-token logits change) and leaves the base alone without it."""
-    from labkit import llamacpp, models
+    from labkit import llamacpp_lab, models
     base_folder = models.hf_folder("smollm2", dtype="float32")
     train, _ = ft.load_split()
     data = tmp_path / "train.jsonl"
@@ -271,13 +271,13 @@ def test_tiny_lora_trains_and_round_trips_through_llama_cpp(tmp_path):
     if hasattr(gguf, "check_lora_adapter"):
         assert gguf.check_lora_adapter(gguf_adapter, models.get("smollm2"))["rank"] == 4
 
-    llm, _ = llamacpp.load(models.get("smollm2"), n_ctx=256)
+    llm, _ = llamacpp_lab.load(models.get("smollm2"), n_ctx=256)
     tokens = llm.tokenize(b"Question: How many pins make one kelvane mark?\nShort answer:")
 
     def next_logits(**params):
-        # llamacpp.all_logits loads with logits_all=True: without it llama-cpp-python keeps no logits
+        # llamacpp_lab.all_logits loads with logits_all=True: without it llama-cpp-python keeps no logits
         # in .scores (they stay zero), and every comparison of them would be equal
-        return llamacpp.all_logits(models.get("smollm2"), tokens, n_ctx=256, **params)[-1]
+        return llamacpp_lab.all_logits(models.get("smollm2"), tokens, n_ctx=256, **params)[-1]
 
     plain, tuned, plain_again = next_logits(), next_logits(lora_path=str(gguf_adapter)), next_logits()
     assert np.abs(tuned - plain).max() > 1e-2

@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 import labkit
-from labkit import llama_tools, llamacpp, repack
+from labkit import llama_tools, llamacpp_lab, repack
 from labkit.errors import EngineNotInstalledError
 
 try:
@@ -62,7 +62,7 @@ def test_llama_server_serves_batches_and_stops(smollm2_path):
                                                messages=[{"role": "user", "content": "Name a colour. One word."}])
         assert reply.usage.prompt_tokens > 8 and reply.usage.completion_tokens > 0
         # four parallel slots: simultaneous streams are decoded together, so their tokens interleave
-        run = llamacpp.concurrent_streams(client, srv.model, ["Count to ten."] * 4, max_tokens=16)
+        run = llamacpp_lab.concurrent_streams(client, srv.model, ["Count to ten."] * 4, max_tokens=16)
         assert all(r["tokens"] > 0 for r in run["requests"]) and run["switches"] > 3, run
         family = [srv.pid] + [c.pid for c in psutil.Process(srv.pid).children(recursive=True)]
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in family)
@@ -94,18 +94,18 @@ def test_speculation_table_reads_draft_counters_and_keeps_the_text(smollm2_path)
     tasks = {"copy": [{"role": "user", "content": "Repeat this text exactly:\n\n" + text}]}
     setups = {"plain": {}, "ngram": {"spec_type": "ngram-simple", "spec_ngram_simple_size_n": 4,
                                      "spec_ngram_simple_size_m": 16}}
-    rows = {r["set-up"]: r for r in llamacpp.speculation_table(smollm2_path, setups, tasks, max_tokens=32, repeats=1)}
+    rows = {r["set-up"]: r for r in llamacpp_lab.speculation_table(smollm2_path, setups, tasks, max_tokens=32, repeats=1)}
     assert rows["plain"]["drafted"] == 0 and rows["plain"]["speed-up"] == 1.0
     assert rows["ngram"]["drafted"] > 0 and 0 < rows["ngram"]["accepted"] <= rows["ngram"]["drafted"], rows
     assert rows["ngram"]["same text as plain"] and rows["ngram"]["same start"] == rows["plain"]["same start"] == 1.0, rows
     with pytest.raises(ValueError, match="plain"):
-        llamacpp.speculation_table(smollm2_path, {"ngram": setups["ngram"]}, tasks)
+        llamacpp_lab.speculation_table(smollm2_path, {"ngram": setups["ngram"]}, tasks)
 
 
 def test_chat_with_timings_refuses_a_server_without_timings(smollm2_path):
     with labkit.serve("ollama", smollm2_path) as srv:
         with pytest.raises(ValueError, match="no `timings`"):
-            llamacpp.chat_with_timings(srv, [{"role": "user", "content": "Hi"}], max_tokens=2)
+            llamacpp_lab.chat_with_timings(srv, [{"role": "user", "content": "Hi"}], max_tokens=2)
 
 
 def test_convert_lora_names_the_failure(tmp_path):

@@ -1,4 +1,4 @@
-"""labkit.ollama_compat below HTTP: names, durations, Go templates, the store, and the /api/create
+"""labkit.ollama_lab below HTTP: names, durations, Go templates, the store, and the /api/create
 planner driven through the service directly (the wire contract is tests/test_ollama_contract.py)."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import re
 import pytest
 
 from labkit import gguf
-from labkit import ollama_compat as oc
-from labkit.ollama_compat.create import CreatePlan, execute_create, plan_create
-from labkit.ollama_compat.errors import error_body
+from labkit import ollama_lab as oc
+from labkit.ollama_lab.create import CreatePlan, execute_create, plan_create
+from labkit.ollama_lab.errors import error_body
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ def test_create_with_quantize_from_f16(service, smollm2_path):
 
 # ---------------------------------------------------------------------------- requests, before any model runs
 def test_openai_requests_translate_to_native_ones(service):
-    from labkit.ollama_compat.openai import translate
+    from labkit.ollama_lab.openai import translate
     m = service.store.require("smollm2:135m")
     body = {"model": "smollm2:135m", "max_tokens": 5, "stop": "\n", "response_format": {"type": "json_object"},
             "messages": [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
@@ -237,7 +237,7 @@ def test_openai_requests_translate_to_native_ones(service):
 
 
 def test_prepare_checks_options_format_and_keep_alive(service):
-    from labkit.ollama_compat.inference import prepare
+    from labkit.ollama_lab.inference import prepare
     m = service.store.require("smollm2:135m")
     opts, grammar, keep_alive = prepare(service, {"options": {"temperature": 0, "bogus": 1}, "keep_alive": "1m"}, m)
     assert opts == {"temperature": 0.0} and grammar is None and keep_alive == 60.0
@@ -252,7 +252,7 @@ def test_prepare_checks_options_format_and_keep_alive(service):
 def test_generation_yields_typed_pieces_then_done_and_frees_the_model(service):
     """The generation core below HTTP: Pieces whose texts make the Done's text, counts that add up,
     logprobs only when asked, and the model released after (keep_alive 0)."""
-    from labkit.ollama_compat.inference import Done, Piece, generation
+    from labkit.ollama_lab.inference import Done, Piece, generation
     m = service.store.require("smollm2:135m")
     body = {"options": {"temperature": 0, "num_predict": 8, "seed": 1}}
     events = list(generation(service, "generate", body, m, 0, "Name a colour."))
@@ -310,8 +310,8 @@ def test_go_templates_range_variables_functions_and_json():
 
 
 def test_the_tools_template_renders_tools_calls_and_results_and_marks_calls_with_json():
-    from labkit.ollama_compat.template import references
-    from labkit.ollama_compat.tools import SMOLLM2_TOOLS_TEMPLATE, tool_tag
+    from labkit.ollama_lab.template import references
+    from labkit.ollama_lab.tools import SMOLLM2_TOOLS_TEMPLATE, tool_tag
     prompt = oc.render_go_template(SMOLLM2_TOOLS_TEMPLATE, {"Messages": HISTORY, "Tools": [WEATHER]})
     assert prompt.startswith("<|im_start|>system\n") and '"name":"get_weather"' in prompt
     assert '{"name": "get_weather", "arguments": {"city":"Toronto"}}' in prompt
@@ -322,7 +322,7 @@ def test_the_tools_template_renders_tools_calls_and_results_and_marks_calls_with
 
 
 def test_tool_call_parser_streams_content_and_gives_back_what_is_not_a_call():
-    from labkit.ollama_compat.tools import ToolCallParser
+    from labkit.ollama_lab.tools import ToolCallParser
     p = ToolCallParser("<tool_call>", ["get_weather"])
     pieces = ["It is ", "<tool", '_call>[{"name": "get_weather", ', '"arguments": {"city": "Paris"}}]', "</tool_call>"]
     out = [p.add(x) for x in pieces] + [p.finish()]
@@ -336,7 +336,7 @@ def test_tool_call_parser_streams_content_and_gives_back_what_is_not_a_call():
 
 
 def test_capabilities_follow_the_template(service):
-    from labkit.ollama_compat.app import register_tools_variant
+    from labkit.ollama_lab.app import register_tools_variant
     register_tools_variant(service)
     tools_model = service.store.require("smollm2-tools:135m")
     assert service.capabilities(tools_model) == ["completion", "tools"]
@@ -344,7 +344,7 @@ def test_capabilities_follow_the_template(service):
 
 
 def test_openai_fields_are_translated_or_refused(service):
-    from labkit.ollama_compat.openai import translate
+    from labkit.ollama_lab.openai import translate
     m = service.store.require("smollm2:135m")
     msgs = [{"role": "user", "content": "weather?"},
             {"role": "assistant", "content": None, "tool_calls": [
@@ -370,7 +370,7 @@ def test_openai_fields_are_translated_or_refused(service):
 
 
 def test_logprob_request_checks_like_ollama():
-    from labkit.ollama_compat.inference import logprob_request
+    from labkit.ollama_lab.inference import logprob_request
     assert logprob_request({}) is None and logprob_request({"logprobs": True}) == 0
     assert logprob_request({"logprobs": True, "top_logprobs": 20}) == 20
     for body, words in (({"logprobs": True, "top_logprobs": 21}, "between 0 and 20"),
@@ -380,7 +380,7 @@ def test_logprob_request_checks_like_ollama():
 
 
 def test_responses_input_becomes_chat_messages():
-    from labkit.ollama_compat.responses import input_messages, native_body
+    from labkit.ollama_lab.responses import input_messages, native_body
     body = {"model": "m", "instructions": "Be brief.", "max_output_tokens": 9, "temperature": 0,
             "input": [{"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
                       {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
@@ -399,3 +399,12 @@ def test_responses_input_becomes_chat_messages():
                          ({"input": [{"type": "reasoning"}]}, "'reasoning' are not supported")):
         with pytest.raises(oc.APIError, match=re.escape(words)):
             native_body({**body, **extra}) if "input" not in extra else input_messages({**body, **extra})
+
+
+def test_old_package_name_gives_the_same_modules():
+    # one copy of each module: a class or a monkeypatch seen through the old name is the new one's
+    import labkit.ollama_compat.inference as old_inference
+    from labkit import ollama_compat
+    from labkit.ollama_lab import inference
+    assert ollama_compat is oc and old_inference is inference
+    assert ollama_compat.service.Service is oc.service.Service

@@ -140,3 +140,16 @@ def test_oversized_context_is_refused_before_starting():
     with pytest.raises(InsufficientMemoryError, match=r"n_ctx ≈ \d+ would fit.*q8_0"):
         labkit.serve("llama.cpp", n_ctx=100_000_000)
     assert time.monotonic() - t0 < 5 and not running()
+
+
+def test_python_server_gets_the_same_threads_as_llama_server(smollm2_path):
+    # llama-cpp-python's own default is CPUs // 2: one thread on a 2-core VM, beside engines using two
+    from labkit.env import usable_cores
+    from labkit.servers import _command
+
+    def flag(argv, name):
+        return argv[argv.index(name) + 1]
+    argv, _, _ = _command("llama.cpp", smollm2_path, "m", "127.0.0.1", 1, None, {})
+    assert flag(argv, "--n_threads") == flag(argv, "--n_threads_batch") == str(usable_cores())
+    argv, _, _ = _command("llama.cpp", smollm2_path, "m", "127.0.0.1", 1, None, {"n_threads": 1})
+    assert flag(argv, "--n_threads") == "1" and argv.count("--n_threads") == 1

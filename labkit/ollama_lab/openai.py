@@ -2,7 +2,7 @@
 Ollama's own ``openai`` middleware is: an OpenAI request becomes an Ollama request
 (:func:`translate`), runs through the same generation and embeddings as ``/api/*``
 (:mod:`.inference`), and the answer is reshaped into OpenAI's objects and server-sent events.
-Errors here are OpenAI-shaped (:func:`labkit.ollama_compat.errors.error_body`).
+Errors here are OpenAI-shaped (:func:`labkit.ollama_lab.errors.error_body`).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Ollama's native API (``/api/*``, ``/``) over HTTP: read the request, call the service, shape
 the answer as Ollama's ``docs/api.md`` documents it (NDJSON streams by default).
 
-Every handler is ``async def handler(service, request, t0)``; :func:`labkit.ollama_compat.app.build_app`
+Every handler is ``async def handler(service, request, t0)``; :func:`labkit.ollama_lab.app.build_app`
 wires them to routes and maps the :class:`APIError` they raise to ``{"error": ...}`` responses.
 """
 from __future__ import annotations

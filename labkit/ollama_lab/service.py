@@ -157,7 +157,7 @@ class Service:
         return "tools" in self.chat_template(m)
 
     def tool_tag(self, m: Manifest) -> str:
-        """What marks a tool call in this model's output (:func:`labkit.ollama_compat.tools.tool_tag`)."""
+        """What marks a tool call in this model's output (:func:`labkit.ollama_lab.tools.tool_tag`)."""
         return tool_tag(self.chat_template(m), jinja=m.template is None)
 
     def chat_template(self, m: Manifest) -> str:

@@ -114,8 +114,8 @@ def listen_address(host: str | None, port: int | None) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``python -m labkit.ollama_compat``'s flags."""
-    ap = argparse.ArgumentParser(prog="python -m labkit.ollama_compat",
+    """``python -m labkit.ollama_lab``'s flags."""
+    ap = argparse.ArgumentParser(prog="python -m labkit.ollama_lab",
                                  description="labkit's Ollama-compatible server (llama-cpp-python inside).")
     ap.add_argument("--model", help="a GGUF file to register under --name (the bundled models are always registered)")
     ap.add_argument("--name", help="name:tag for --model (default: the file name)")

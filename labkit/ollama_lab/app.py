@@ -1,6 +1,6 @@
 """The application: :func:`make_service` (store, scheduler, the bundled models registered),
 :func:`build_app` (the route table over the native and OpenAI handlers) and :func:`main`, which
-``python -m labkit.ollama_compat`` runs.
+``python -m labkit.ollama_lab`` runs.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def make_service(models_dir: Path, *, model: str | None = None, name: str | None
 
 def register_tools_variant(service: Service) -> None:
     """``smollm2-tools:135m``: the bundled SmolLM2's weights with a ChatML template that has a tools
-    section (:data:`labkit.ollama_compat.tools.SMOLLM2_TOOLS_TEMPLATE`), since its own template has
+    section (:data:`labkit.ollama_lab.tools.SMOLLM2_TOOLS_TEMPLATE`), since its own template has
     none. A real Ollama gets the same model from ``ollama create smollm2-tools:135m`` with that TEMPLATE."""
     base = service.store.get(normalize_name(BUNDLED_NAMES.get("smollm2", "smollm2:135m")))
     if base is None:

@@ -5,7 +5,7 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-from labkit import llamacpp as lc
+from labkit import llamacpp_lab as lc
 
 
 # ----------------------------------------------------------------------------- no model needed
@@ -309,3 +309,8 @@ def test_generate_on_a_base_model_uses_plain_completion_and_json_mode(base_llm):
     plain = lc.generate(base_llm, prompt, max_tokens=8, temperature=0.0)
     assert plain["tokens"] > 0 and plain["text"] != r["text"]           # the grammar changed the output
     assert len(set(lc.greedy_runs(base_llm, prompt, n=2, max_tokens=8))) == 1
+
+
+def test_old_module_name_still_imports_the_same_module():
+    from labkit import llamacpp as old
+    assert old is lc and old.timed_stream is lc.timed_stream
