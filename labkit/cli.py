@@ -4,6 +4,7 @@
     labkit serve ENGINE [--model M] [--port P]           a managed server in the foreground (Ctrl-C stops it);
                                                          ENGINE: llama.cpp, llama-server, vllm or ollama
     labkit run [NOTEBOOK ...] [--tier ci|full] [--model M]   execute notebooks into build/, print a time table
+                                  [--update-references]  (rewrite the nbval-check-output cells from this run)
     labkit bench --engine E [--model M]                  TTFT / ITL / tokens/s, saved as JSON + CSV
     labkit hardware                                      the hardware probe as a table (--json for JSON)
     labkit mcp [--transport stdio|http] [--port P] [--token T] [--backend NAME=URL[,MODEL]]...
@@ -61,8 +62,16 @@ def cmd_run(args) -> int:
         params["model"] = args.model
     print(f"Executing {len(paths)} notebook(s), tier={args.tier}, model={params.get('model', 'default')}, into {args.out}/",
           flush=True)
-    results = runner.run_all(paths, tier=args.tier, out_dir=Path(args.out), parameters=params, html=not args.no_html)
+    refresh = args.update_references
+    if refresh and (params or args.tier != "ci"):
+        print("--update-references needs the chapters' own parameters (tier ci, the bundled model)", file=sys.stderr)
+        return 2
+    results = runner.run_all(paths, tier=args.tier, out_dir=Path(args.out), parameters=params, html=not args.no_html,
+                             references=False if refresh else None)
     runner.write_summary(results, Path(args.out) / "summary.json")
+    for path, result in zip(paths, results):
+        if refresh and result.ok:
+            print(f"  {path.name}: {runner.update_references(path, result.output)} reference cell(s) rewritten")
     print()
     print(runner.format_table(results))
     return 0 if all(r.ok for r in results) else 1
@@ -144,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="run every chapter with this model: a bundled name (gemma3 ...) or a .gguf path")
     p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="extra notebook parameter")
     p.add_argument("--no-html", action="store_true")
+    p.add_argument("--update-references", action="store_true",
+                   help="rewrite the committed outputs of the nbval-check-output cells from this run")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("bench", help="benchmark an engine (TTFT, ITL, tokens/s) and save the results")
     p.add_argument("--engine", default="llama.cpp", choices=["in-process", "llama.cpp", "vllm", "ollama"])

@@ -3,7 +3,11 @@
 * ``%load_ext labkit`` registers the ``%%gpu`` cell magic: the cell runs where a GPU exists and
   otherwise prints one line saying it was skipped. Under ``make test-gpu``
   (``LABKIT_REQUIRE_GPU=1``) a missing GPU is an error instead, so a GPU run cannot pass by
-  skipping everything.
+  skipping everything. Likewise a ``%%gpu`` cell that cannot import what it uses (bitsandbytes for
+  QLoRA, vllm-gguf-plugin for vLLM's GGUF loading): for a learner it prints what to install and skips
+  the rest of the cell; under ``make test-gpu`` it is a failure (:class:`GPUModuleMissingError`),
+  since ``make setup GPU=1`` installs everything the GPU cells use. :func:`require_modules` checks
+  a module a cell needs without importing it by name.
 * ``%%needs vllm`` runs a cell only where vLLM is installed and otherwise skips it with one line
   (an error under CI or ``LABKIT_REQUIRE_VLLM=1``), so chapters run on Binder without vLLM;
   ``%%needs llama-server`` does the same for llama.cpp's own programs (``make setup`` builds
@@ -58,16 +62,54 @@ def gpu_required() -> bool:
     return os.environ.get("LABKIT_REQUIRE_GPU", "") not in ("", "0", "false")
 
 
+GPU_SETUP_HINT = "`make setup GPU=1` installs what every %%gpu cell uses"
+
+
+class GPUModuleMissingError(GPURequiredError):
+    """A ``%%gpu`` cell could not import a module it uses while ``LABKIT_REQUIRE_GPU`` is set
+    (``make test-gpu``): the GPU set-up is incomplete, and a GPU cell that cannot run is a failure."""
+
+
+def require_modules(*names: str, hint: str = "") -> None:
+    """Raise :class:`ModuleNotFoundError` (saying ``hint``, e.g. what to pip install) unless every
+    module in ``names`` is importable here. Nothing is imported. For modules a cell needs but does
+    not import itself (bitsandbytes behind ``BitsAndBytesConfig``, a vLLM plugin): inside ``%%gpu``
+    :func:`run_gpu_cell` turns the error into a printed hint, or a failure under ``make test-gpu``."""
+    import importlib.util
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:          # a dotted name whose parent package is missing
+            found = False
+        if not found:
+            raise ModuleNotFoundError(f"No module named {name!r}" + (f": {hint}" if hint else ""), name=name)
+
+
 def run_gpu_cell(source: str, namespace: dict, kind: str = "any") -> bool:
     """Execute ``source`` in ``namespace`` if a GPU of ``kind`` exists (``%%gpu`` or ``%%gpu cuda``);
-    return whether it ran."""
+    return whether it ran.
+
+    An :class:`ImportError` inside the cell (a module the GPU set-up should have installed) ends the
+    cell with a printed hint, or, under ``LABKIT_REQUIRE_GPU``, raises :class:`GPUModuleMissingError`."""
     if not gpu_available(kind):
         if gpu_required():
             raise GPURequiredError(f"This cell needs {GPU_KINDS[kind]}, LABKIT_REQUIRE_GPU is set, and none is usable "
                                    "here. Run `make test-gpu` on a GPU machine.")
         print(f"Skipped: this cell needs {GPU_KINDS[kind]} and none was found on this machine.")
         return False
-    _exec_cell(source, namespace, "<gpu cell>")
+    try:
+        _exec_cell(source, namespace, "<gpu cell>")
+    except ImportError as exc:
+        import sys
+        what = repr(exc.name) if exc.name else "a module"
+        if gpu_required():
+            raise GPUModuleMissingError(
+                f"This %%gpu cell could not import {what} ({exc}). LABKIT_REQUIRE_GPU is set (make test-gpu), so a GPU "
+                f"cell that cannot run is a failure, not a skip: {GPU_SETUP_HINT} (this kernel runs {sys.executable})."
+            ) from exc
+        print(f"Skipped the rest of this cell: it needs {what}, which this environment cannot import ({exc}). "
+              f"{GPU_SETUP_HINT}.")
+        return False
     return True
 
 

@@ -8,7 +8,14 @@ the 2-core CPU tier::
 
 :func:`execute` runs one notebook with papermill (injecting ``tier`` and any other
 parameters into its ``parameters`` cell), writes the executed copy and an HTML rendering to
-``build/``, and returns a :class:`NotebookResult` with its wall time.
+``build/``, and returns a :class:`NotebookResult` with its wall time and its slowest cells.
+
+Reference outputs: cells tagged ``nbval-check-output`` (nbval's own tag) keep their output in the
+committed notebook (metadata ``keep_output``, which nbstripout honours), so a reader browsing the
+repository sees what they should get. After papermill's run, :func:`compare_references` checks
+those cells with nbval's own comparison and sanitizer patterns (``tests/nbval_sanitize.cfg``), so
+each chapter executes once: papermill runs it (parameters, executed copy, per-cell times), nbval
+judges the reference cells. ``labkit run --update-references`` rewrites them from a run.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import json
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .env import REPO_ROOT
@@ -24,6 +31,8 @@ from .env import REPO_ROOT
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 BUILD_DIR = REPO_ROOT / "build"
 DEFAULT_TIMEOUT_S = 900
+REFERENCE_TAG = "nbval-check-output"
+SANITIZE_FILE = REPO_ROOT / "tests" / "nbval_sanitize.cfg"
 
 
 @dataclass
@@ -35,6 +44,7 @@ class NotebookResult:
     output: Path
     html: Path | None = None
     error: str = ""
+    slowest: list[tuple[int, float, str]] = field(default_factory=list)   # (cell index, seconds, first line)
 
     @property
     def ok(self) -> bool:
@@ -78,8 +88,11 @@ def resolve(names: list[str] | None) -> list[Path]:
 
 
 def execute(path: Path, *, tier: str = "ci", out_dir: Path = BUILD_DIR, parameters: dict | None = None,
-            html: bool = True, kernel: str | None = None) -> NotebookResult:
-    """Run one notebook top to bottom; never raises for a failing notebook (see ``status``)."""
+            html: bool = True, kernel: str | None = None, references: bool | None = None) -> NotebookResult:
+    """Run one notebook top to bottom; never raises for a failing notebook (see ``status``).
+
+    ``references``: compare the reference cells with their committed outputs (default: when the
+    notebook runs with its own parameters, tier ci — another model or tier prints other values)."""
     import papermill as pm
     path = Path(path)
     settings = notebook_settings(path)
@@ -97,6 +110,14 @@ def execute(path: Path, *, tier: str = "ci", out_dir: Path = BUILD_DIR, paramete
         status = "failed"
         error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     seconds = time.perf_counter() - t0
+    if references is None:
+        references = tier == "ci" and not parameters
+    if references and status == "ok":
+        diffs = compare_references(path, output)
+        if diffs:
+            status, error = "failed", "reference output changed (labkit run --update-references rewrites it " \
+                                      "after a deliberate change):\n" + "\n".join(diffs)
+    slowest = slowest_cells(output) if output.exists() else []
     html_path = None
     if html and output.exists():
         try:
@@ -106,7 +127,81 @@ def execute(path: Path, *, tier: str = "ci", out_dir: Path = BUILD_DIR, paramete
             html_path.write_text(body, encoding="utf-8")
         except Exception as exc:  # a rendering problem must not hide the run's own result
             error = (error + f"\n(HTML export failed: {exc})").strip()
-    return NotebookResult(path.stem, status, seconds, settings["budget_s"], output, html_path, error)
+    return NotebookResult(path.stem, status, seconds, settings["budget_s"], output, html_path, error, slowest)
+
+
+def _first_line(cell) -> str:
+    return next((line for line in cell.source.splitlines() if line.strip() and not line.startswith("#")), "")[:60]
+
+
+def slowest_cells(executed: Path, n: int = 3) -> list[tuple[int, float, str]]:
+    """The ``n`` cells that took longest in a papermill run (papermill records each cell's duration)."""
+    import nbformat
+    nb = nbformat.read(str(executed), as_version=4)
+    timed = [(i, float((c.metadata.get("papermill") or {}).get("duration") or 0), _first_line(c))
+             for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    return sorted(timed, key=lambda t: -t[1])[:n]
+
+
+def _reference_cells(nb) -> list:
+    return [c for c in nb.cells if c.cell_type == "code" and REFERENCE_TAG in c.metadata.get("tags", [])]
+
+
+class _NbvalCell:
+    """Just enough of nbval's cell item for nbval's own ``compare_outputs`` to judge outputs that
+    papermill produced (nbval would otherwise execute the chapter a second time)."""
+
+    def __init__(self, patterns: dict):
+        from nbval.plugin import nocolors
+        # nbval's own skip list (IPyNbFile.__init__, without --nbdime): pictures are never compared
+        skip = ("metadata", "traceback", "prompt_number", "output_type", "name", "execution_count",
+                "application/vnd.jupyter.widget-view+json", "image/png", "image/jpeg")
+        self.parent = type("Parent", (), {"skip_compare": skip, "sanitize_patterns": patterns})()
+        self.colors = nocolors
+        self.comparison_traceback: list[str] = []
+
+    def __getattr__(self, name):          # nbval's methods, bound to this stand-in
+        from nbval.plugin import IPyNbCell
+        return getattr(IPyNbCell, name).__get__(self)
+
+
+def sanitize_patterns(path: Path = SANITIZE_FILE) -> dict:
+    from nbval.plugin import get_sanitize_patterns
+    return dict(get_sanitize_patterns(Path(path).read_text())) if Path(path).exists() else {}
+
+
+def compare_references(source: Path, executed: Path, sanitize_file: Path = SANITIZE_FILE) -> list[str]:
+    """Each reference cell of ``source`` whose output in ``executed`` differs (nbval's comparison,
+    after its sanitizer patterns): one message per cell, naming it. Empty when all match."""
+    import nbformat
+    from nbval.plugin import coalesce_streams
+    ref_cells = _reference_cells(nbformat.read(str(source), as_version=4))
+    run_cells = _reference_cells(nbformat.read(str(executed), as_version=4))
+    if len(ref_cells) != len(run_cells):
+        return [f"{len(ref_cells)} reference cells in {Path(source).name}, {len(run_cells)} in the executed copy"]
+    judge = _NbvalCell(sanitize_patterns(sanitize_file))
+    diffs = []
+    for ref, run in zip(ref_cells, run_cells):
+        judge.comparison_traceback = []
+        if not judge.compare_outputs(coalesce_streams(run.outputs), coalesce_streams(ref.outputs)):
+            diffs.append(f"cell `{_first_line(ref)}`:\n" + "\n".join(map(str, judge.comparison_traceback))[-1500:])
+    return diffs
+
+
+def update_references(source: Path, executed: Path) -> int:
+    """Copy the reference cells' outputs from an executed copy into the committed notebook (execution
+    counts cleared, as nbstripout leaves them); returns how many cells were written."""
+    import nbformat
+    nb = nbformat.read(str(source), as_version=4)
+    ref_cells, run_cells = _reference_cells(nb), _reference_cells(nbformat.read(str(executed), as_version=4))
+    if [c.source for c in ref_cells] != [c.source for c in run_cells]:
+        raise ValueError(f"{executed} was not executed from the current {source}: run it again first")
+    for ref, run in zip(ref_cells, run_cells):
+        ref.outputs = [{**o, "execution_count": None} if "execution_count" in o else o for o in run.outputs]
+        ref.execution_count = None
+        ref.metadata["keep_output"] = True
+    nbformat.write(nb, str(source))
+    return len(ref_cells)
 
 
 def run_all(paths: list[Path] | None = None, **kwargs) -> list[NotebookResult]:
@@ -131,6 +226,10 @@ def format_table(results: list[NotebookResult]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     out = "\n".join(lines)
+    slow = [f"  {r.name}: " + "; ".join(f"cell {i} {sec:.0f} s `{first}`" for i, sec, first in r.slowest)
+            for r in results if r.slowest]
+    if slow:
+        out += "\n\nslowest cells (papermill's per-cell times):\n" + "\n".join(slow)
     for r in results:
         if not r.ok:
             out += f"\n\n{r.name} failed: {r.error[-2000:]}\n(executed copy: {r.output})"

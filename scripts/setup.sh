@@ -19,10 +19,14 @@ mkdir -p "$CACHE" "$LOGS"
 # Bump when the build steps below change in a way the requirement files do not show.
 RECIPE=1
 hash_of() { { echo "recipe $RECIPE"; cat "$@"; } | sha256sum | cut -c1-16; }
-MAIN_KEY=main-$(hash_of requirements/lock.txt requirements/main.in requirements/models.in)-gpu$GPU
+# GPU=1 also installs requirements/gpu.in (main) and builds .venv-vllm from requirements/gpu-vllm.in: part of the
+# GPU builds' keys only, so the CPU keys (and environments) do not change with them.
+GPU_MAIN_IN=; GPU_VLLM_IN=
+if [ "$GPU" = 1 ]; then GPU_MAIN_IN=requirements/gpu.in; GPU_VLLM_IN=requirements/gpu-vllm.in; fi
+MAIN_KEY=main-$(hash_of requirements/lock.txt requirements/main.in requirements/models.in $GPU_MAIN_IN)-gpu$GPU
 # The native llama.cpp programs depend only on the llama-cpp-python pin and their build script.
 TOOLS_KEY=llama-tools-$({ echo "recipe $RECIPE"; grep -i '^llama[-_]cpp[-_]python==' requirements/lock.txt; cat scripts/build_llama_tools.sh; } | sha256sum | cut -c1-16)-gpu$GPU
-VLLM_KEY=vllm-$(hash_of requirements/lock-vllm.txt requirements/vllm.in requirements/models.in)-gpu$GPU
+VLLM_KEY=vllm-$(hash_of requirements/lock-vllm.txt requirements/vllm.in requirements/models.in $GPU_VLLM_IN)-gpu$GPU
 
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' || {
   echo "setup: Python >= 3.10 is needed (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -55,7 +59,9 @@ build_main() {
   run_logged "$log" "$env/bin/pip" install -c requirements/lock.txt torch
   if [ "$GPU" = 1 ]; then
     # --no-cache-dir: pip would otherwise reuse a cached CPU-only wheel of llama-cpp-python.
-    CMAKE_ARGS="-DGGML_CUDA=on" run_logged "$log" "$env/bin/pip" install --no-cache-dir -c requirements/lock.txt -r requirements/main.in
+    # requirements/gpu.in: what the %%gpu cells use beyond main.in (bitsandbytes for chapter 10's QLoRA).
+    CMAKE_ARGS="-DGGML_CUDA=on" run_logged "$log" "$env/bin/pip" install --no-cache-dir -c requirements/lock.txt \
+      -r requirements/main.in -r requirements/gpu.in
   else
     run_logged "$log" "$env/bin/pip" install -c requirements/lock.txt -r requirements/main.in
   fi
@@ -69,8 +75,9 @@ build_vllm() {
   run_logged "$log" "$PY" -m venv "$env"
   run_logged "$log" "$env/bin/pip" install --upgrade pip wheel
   if [ "$GPU" = 1 ]; then
-    # CUDA build: vLLM brings its own CUDA torch; the CPU lock does not apply.
-    run_logged "$log" "$env/bin/pip" install vllm ipykernel gguf accelerate pandas matplotlib tqdm
+    # CUDA build: vLLM brings its own CUDA torch; the CPU lock does not apply. requirements/gpu-vllm.in adds
+    # what the %%gpu cells use (vllm-gguf-plugin: chapter 04 loads a GGUF into vLLM on CUDA).
+    run_logged "$log" "$env/bin/pip" install -r requirements/gpu-vllm.in
   else
     run_logged "$log" "$env/bin/pip" install -c requirements/lock-vllm.txt torch
     run_logged "$log" "$env/bin/pip" install -c requirements/lock-vllm.txt -r requirements/vllm.in

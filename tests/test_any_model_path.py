@@ -115,6 +115,8 @@ def test_expensive_steps_refuse_a_model_too_big_for_free_memory(monkeypatch, tmp
 
 @needs_split_tool
 @pytest.mark.notebook
+@pytest.mark.full      # chapters 00 and 03 a second time, on a split model: make test-full
+@pytest.mark.engine
 @pytest.mark.parametrize("number", ["00", "03"])
 def test_chapter_runs_on_a_split_model_in_a_japanese_folder(number, split_model, tmp_path):
     """The whole of chapter 00 (hardware, model facts from the file, first chat in-process and through a

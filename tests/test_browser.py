@@ -53,6 +53,8 @@ def jupyter_lab(tmp_path):
     proc.wait(timeout=30)
 
 
+@pytest.mark.full     # a third executor (a real browser) for chapter 00: make test-full
+@pytest.mark.engine
 def test_chapter_00_runs_in_jupyterlab(jupyter_lab):
     from playwright.sync_api import sync_playwright
     base, token = jupyter_lab

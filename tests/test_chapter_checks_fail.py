@@ -5,6 +5,9 @@ import pytest
 
 from labkit import runner
 
+# Each of these executes a whole chapter a second time: make test-full (and make test-mutations), not make test.
+pytestmark = [pytest.mark.full, pytest.mark.engine]
+
 NOTEBOOKS = {p.stem[:2]: p for p in runner.discover()}
 
 
@@ -105,7 +108,6 @@ KV_DOUBLED = (
 
 
 @pytest.mark.notebook
-@pytest.mark.slow_mutation
 def test_chapter_01_catches_a_q6_k_encoder_off_by_one_bit(tmp_path, monkeypatch):
     mutation = (
         "from labkit import quant\n"
@@ -120,7 +122,6 @@ def test_chapter_01_catches_a_q6_k_encoder_off_by_one_bit(tmp_path, monkeypatch)
 
 
 @pytest.mark.notebook
-@pytest.mark.slow_mutation
 def test_chapter_04_catches_a_kv_formula_twice_too_large(tmp_path, monkeypatch):
     result = run_mutated("04", KV_DOUBLED, tmp_path, monkeypatch)
     assert result.status == "failed", "chapter 04 passed with a KV-cache formula twice the right size"
@@ -128,7 +129,6 @@ def test_chapter_04_catches_a_kv_formula_twice_too_large(tmp_path, monkeypatch):
 
 
 @pytest.mark.notebook
-@pytest.mark.slow_mutation
 def test_chapter_06_catches_a_bandwidth_bound_ten_times_too_low(tmp_path, monkeypatch):
     mutation = (
         "from labkit import bench\n"
@@ -140,7 +140,6 @@ def test_chapter_06_catches_a_bandwidth_bound_ten_times_too_low(tmp_path, monkey
 
 
 @pytest.mark.notebook
-@pytest.mark.slow_mutation
 def test_chapter_07_catches_a_kv_formula_twice_too_large(tmp_path, monkeypatch):
     result = run_mutated("07", KV_DOUBLED, tmp_path, monkeypatch)
     assert result.status == "failed", "chapter 07 passed with a KV-cache formula twice the right size"
@@ -149,7 +148,6 @@ def test_chapter_07_catches_a_kv_formula_twice_too_large(tmp_path, monkeypatch):
 
 
 @pytest.mark.notebook
-@pytest.mark.slow_mutation
 def test_chapter_10_catches_an_activation_estimate_half_again_too_large(tmp_path, monkeypatch):
     mutation = (
         "from labkit import finetune\n"

@@ -25,7 +25,7 @@ else:
     pytest.importorskip("langchain_tests", reason="pip install -r requirements/dev.txt")
 from langchain_tests.integration_tests import ChatModelIntegrationTests, EmbeddingsIntegrationTests  # noqa: E402
 
-pytestmark = pytest.mark.langchain_standard
+pytestmark = [pytest.mark.langchain_standard, pytest.mark.full, pytest.mark.engine]   # make test-full
 
 MAX_TOKENS = 64          # a tool call with its JSON arguments fits; a 135M model's story does not run on
 SMALL_MODEL = "the 135M model"

@@ -25,11 +25,19 @@ def test_notebook_runs(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_conventions(path):
-    """Committed without outputs; a parameters cell with tier; a Checks section; a budget."""
+    """Committed without outputs (except the reference cells nbval checks); a parameters cell with tier;
+    a Checks section; a budget."""
     import json
     nb = json.loads(path.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    assert not any(c.get("outputs") or c.get("execution_count") for c in code), "strip outputs: make strip"
+    assert not any(c.get("execution_count") for c in code), "strip execution counts: make strip"
+    for c in code:
+        is_reference = runner.REFERENCE_TAG in c["metadata"].get("tags", [])
+        if is_reference:
+            assert c.get("outputs") and c["metadata"].get("keep_output"), \
+                f"reference cell without its output (labkit run --update-references): {''.join(c['source'])[:80]}"
+        else:
+            assert not c.get("outputs"), "strip outputs: make strip"
     params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1 and "tier" in "".join(params[0]["source"])
     assert any(c["cell_type"] == "markdown" and "".join(c["source"]).startswith("## Checks") for c in nb["cells"])

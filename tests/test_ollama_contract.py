@@ -1,10 +1,19 @@
-"""Ollama's wire contract (its docs/api.md), checked against labkit's Ollama-compatible server
-always, and against a real Ollama too when one answers at $OLLAMA_HOST (marker ``real_ollama``;
-it needs ``ollama pull smollm2:135m`` and ``ollama pull all-minilm`` first).
+"""Ollama's wire contract (its docs/api.md), checked against three servers (the ``target`` fixture):
+
+* ``fake`` — labkit's Ollama-compatible server over a fake engine that yields scripted tokens
+  (``tests/fake_engine.py``), in this process: the wire format, options, errors, status codes,
+  cancellation and client disconnects in milliseconds;
+* ``engine`` — the same server with llama.cpp and the bundled SmolLM2 (``python -m labkit.ollama_lab``,
+  one per test session): every test again, in ``make test-full`` (markers ``full``, ``engine``);
+* ``real`` — a real Ollama when one answers at $OLLAMA_HOST (marker ``real_ollama``; it needs
+  ``ollama pull smollm2:135m`` and ``ollama pull all-minilm`` first).
 
 The same tests drive the official ``ollama`` client (sync and async), langchain-ollama, the
 ``openai`` SDK against ``/v1``, and raw HTTP for field names, types, content types and status codes.
-Tests that only make sense offline (pull refusing, legacy ``modelfile`` field) are labkit-only.
+Tests that only make sense offline (pull refusing, legacy ``modelfile`` field) are labkit-only; tests
+of what a real model writes (same seed, same sample; a LoRA adapter's effect) use ``model_target``
+(no fake). A few tests keep the real engine in ``make test`` (the "real engine" section): they share
+the session's one engine server and prove the llama.cpp path works.
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import time
 
 import httpx
 import pytest
+from fake_engine import Fail, Script, engine_server, fake_server, fake_service, shared_fake_server
 
 from labkit import servers
 from labkit.modelfile import parse as parse_modelfile
@@ -27,30 +37,36 @@ EMBED = "all-minilm"
 DURATIONS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 QUICK = {"num_predict": 8, "temperature": 0, "seed": 1}
+ENGINE = pytest.param("engine", marks=[pytest.mark.full, pytest.mark.engine])
+REAL = pytest.param("real", marks=pytest.mark.real_ollama)
 
 
-@pytest.fixture(scope="module", params=["labkit", pytest.param("real", marks=pytest.mark.real_ollama)])
+def _server(kind: str, tmp_path_factory) -> tuple[str, str]:
+    """(kind, base_url) of a server under test; the labkit ones are shared by the whole session."""
+    if kind == "fake":
+        return kind, shared_fake_server(tmp_path_factory).base_url
+    if kind == "engine":
+        return kind, engine_server(tmp_path_factory).base_url
+    host, port = servers._ollama_host()
+    base = f"http://{host}:{port}"
+    if not servers._answers(base + "/api/version"):
+        pytest.skip("no real Ollama answers at $OLLAMA_HOST")
+    names = {m["name"] for m in httpx.get(base + "/api/tags", timeout=10).json()["models"]}
+    if not {CHAT, EMBED + ":latest"} <= names:
+        pytest.skip(f"the real Ollama lacks {CHAT} or {EMBED}: run `ollama pull {CHAT}` and `ollama pull {EMBED}`")
+    return kind, base
+
+
+@pytest.fixture(scope="module", params=["fake", ENGINE, REAL])
 def target(request, tmp_path_factory):
-    """(kind, base_url) of the server under test."""
-    if request.param == "real":
-        host, port = servers._ollama_host()
-        base = f"http://{host}:{port}"
-        if not servers._answers(base + "/api/version"):
-            pytest.skip("no real Ollama answers at $OLLAMA_HOST")
-        names = {m["name"] for m in httpx.get(base + "/api/tags", timeout=10).json()["models"]}
-        if not {CHAT, EMBED + ":latest"} <= names:
-            pytest.skip(f"the real Ollama lacks {CHAT} or {EMBED}: run `ollama pull {CHAT}` and `ollama pull {EMBED}`")
-        yield "real", base
-        return
-    store = tmp_path_factory.mktemp("ollama-models")
-    port = servers.free_port()
-    argv = [sys.executable, "-m", "labkit.ollama_compat", "--host", "127.0.0.1", "--port", str(port),
-            "--models-dir", str(store), "--num-thread", "1"]
-    srv = servers._start("ollama", CHAT, "127.0.0.1", port, None, argv, {}, "/api/version", 120)
-    try:
-        yield "labkit", srv.base_url
-    finally:
-        srv.stop()
+    """(kind, base_url) of the server under test: ``fake``, ``engine`` or ``real`` (see the module's docstring)."""
+    return _server(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=[ENGINE, REAL])
+def model_target(request, tmp_path_factory):
+    """A server with a real model, for tests of what the model writes."""
+    return _server(request.param, tmp_path_factory)
 
 
 @pytest.fixture
@@ -66,7 +82,7 @@ def client(target):
 
 
 def labkit_only(target):
-    if target[0] != "labkit":
+    if target[0] == "real":
         pytest.skip("labkit-specific behaviour")
 
 
@@ -132,16 +148,23 @@ def test_chat_streamed_and_not(http):
     assert "".join(x["message"]["content"] for x in lines) == body["message"]["content"]
 
 
-def test_options_seed_stop_and_num_predict(http):
+def test_options_stop_and_num_predict(http):
     def gen(**opts):
         return http.post("/api/generate", json={"model": CHAT, "prompt": "Write a short poem about rain.",
                                                 "stream": False, "options": opts}).json()
-    a, b = gen(temperature=1.0, seed=42, num_predict=16), gen(temperature=1.0, seed=42, num_predict=16)
-    assert a["response"] == b["response"]                       # same seed, same sample
     short = gen(temperature=0, num_predict=3)
     assert short["eval_count"] <= 3 and short["done_reason"] == "length"
     stopped = gen(temperature=0, num_predict=48, stop=["\n", "."])
     assert "\n" not in stopped["response"] and "." not in stopped["response"]
+
+
+def test_same_seed_same_sample(model_target):
+    """Sampling at temperature 1 with a seed is reproducible (a real model's sampler; the fake has none)."""
+    def gen():
+        return httpx.post(model_target[1] + "/api/generate", timeout=120, json={
+            "model": CHAT, "prompt": "Write a short poem about rain.", "stream": False,
+            "options": {"temperature": 1.0, "seed": 42, "num_predict": 16}}).json()
+    assert gen()["response"] == gen()["response"]
 
 
 def test_format_json_and_schema(http):
@@ -389,12 +412,8 @@ def test_error_mid_stream_is_a_last_json_line(tmp_path):
 
     from labkit import ollama_compat
 
-    service = ollama_compat.make_service(tmp_path, num_thread=1)
-
-    def failing_run(inst, tokens, opts, grammar, stats, **kwargs):
-        yield "partial"
-        raise RuntimeError("the model failed to generate a response")
-    service.run = failing_run
+    service, factory = fake_service(tmp_path)
+    factory.rules.insert(0, ("", Script(["partial", Fail("the model failed to generate a response")])))
     with TestClient(ollama_compat.build_app(service)) as tc:
         r = tc.post("/api/generate", json={"model": CHAT, "prompt": "hi"})
         lines = [json.loads(x) for x in r.text.splitlines() if x]
@@ -405,6 +424,7 @@ def test_error_mid_stream_is_a_last_json_line(tmp_path):
         assert r.status_code == 500 and "failed to generate" in r.json()["error"]
 
 
+@pytest.mark.engine       # starts the server's process (no model is loaded): what the fake cannot check
 def test_serve_and_busy_port(tmp_path):
     import subprocess
 
@@ -421,8 +441,6 @@ def test_serve_and_busy_port(tmp_path):
 def test_stale_store_entries_do_not_break_the_listing(tmp_path, monkeypatch):
     """A model store written by an older environment (paths that no longer exist) still serves."""
     import json as _json
-
-    import labkit
     store = tmp_path / "models" / "labkit-manifests" / "smollm2"
     store.mkdir(parents=True)
     (store / "135m.json").write_text(_json.dumps({"name": "smollm2:135m", "kind": "gguf", "path": "/gone/old.gguf", "builtin": True}))
@@ -430,15 +448,20 @@ def test_stale_store_entries_do_not_break_the_listing(tmp_path, monkeypatch):
     (tmp_path / "models" / "labkit-manifests" / "ghost" / "latest.json").write_text(
         _json.dumps({"name": "ghost:latest", "kind": "gguf", "path": "/gone/ghost.gguf", "builtin": False}))
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "models"))
-    with labkit.serve("ollama") as srv:
+    from labkit.ollama_lab import default_models_dir
+    srv = fake_server(default_models_dir())            # the store `python -m labkit.ollama_lab` serves
+    try:
         import ollama as _ollama
         names = [m.model for m in _ollama.Client(host=srv.base_url).list().models]
+    finally:
+        srv.stop()
     assert "smollm2:135m" in names and "ghost:latest" not in names
 
 
 # ----------------------------------------------------------------------------- clients that go away
-LONG = 2000   # tokens: ~30 s of decoding on one thread, so a follow-up answered in seconds proves cancellation
-# Hot sampling seldom draws the end-of-text token, so the abandoned generation would really run long.
+LONG = 2000   # tokens: ~30 s of decoding on one thread (10 s for the fake), so a prompt follow-up proves cancellation
+# Hot sampling seldom draws the end-of-text token, so the abandoned generation would really run long
+# (the fake answers "a long story" endlessly, fake_engine.LONG_STORY).
 HOT = {"temperature": 2.0, "top_p": 1.0, "seed": 7}
 ABANDONED = {
     "/api/generate": {"model": CHAT, "prompt": "Tell me a long story about the sea.",
@@ -451,8 +474,9 @@ ABANDONED = {
 }
 
 
-def _abandon(base: str, path: str, body: dict, when: str) -> None:
-    """Send a request and drop the connection: after the first streamed line, or before any answer."""
+def _abandon(base: str, path: str, body: dict, when: str, settle: float = 0.3) -> None:
+    """Send a request and drop the connection: after the first streamed line, or before any answer
+    (``settle`` seconds after sending it)."""
     import http.client
     import urllib.parse
     url = urllib.parse.urlparse(base)
@@ -463,7 +487,7 @@ def _abandon(base: str, path: str, body: dict, when: str) -> None:
         assert resp.status == 200
         assert resp.readline().strip()
     else:
-        time.sleep(0.3)          # prefill (or the whole non-streamed answer) is under way
+        time.sleep(settle)       # prefill (or the whole non-streamed answer) is under way
     conn.sock.shutdown(2)
     conn.close()
 
@@ -474,23 +498,27 @@ def _abandon(base: str, path: str, body: dict, when: str) -> None:
 def test_a_client_that_goes_away_frees_the_model(target, path, stream, when):
     """An interrupted cell or a client timeout must not wedge the model: the next request is answered
     at once (the abandoned 2000-token generation was cancelled, not run to its end)."""
+    fake = target[0] == "fake"
     body = dict(ABANDONED[path], stream=stream)
-    _abandon(target[1], path, body, when)
+    _abandon(target[1], path, body, when, settle=0.05 if fake else 0.3)
     t0 = time.monotonic()
     reply = httpx.post(target[1] + "/api/generate", timeout=60,
                        json={"model": CHAT, "prompt": "hi", "stream": False, "options": QUICK})
     waited = time.monotonic() - t0
     assert reply.status_code == 200 and reply.json()["done"], reply.text
-    assert waited < 8, f"the follow-up waited {waited:.1f} s: the abandoned generation kept the model"
+    limit = 1 if fake else 8           # the fake's abandoned answer would hold the model 10 s
+    assert waited < limit, f"the follow-up waited {waited:.1f} s: the abandoned generation kept the model"
 
 
 # ------------------------------------------------------------------------------ LoRA adapters (ADAPTER)
 
-def test_modelfile_adapter_changes_answers_only_where_applied(http, target, lora_adapter_gguf, tmp_path):
+def test_modelfile_adapter_changes_answers_only_where_applied(model_target, request, tmp_path):
     """ADAPTER (docs/modelfile.md) from a Modelfile path and from an uploaded blob (`adapters`)."""
-    labkit_only(target)
+    labkit_only(model_target)
+    lora_adapter_gguf = request.getfixturevalue("lora_adapter_gguf")     # ~10 s: only where the test runs
     import ollama
-    client = ollama.Client(host=target[1])
+    client = ollama.Client(host=model_target[1])
+    http = httpx.Client(base_url=model_target[1], timeout=120)
     prompt = {"prompt": "The capital of France is", "options": QUICK, "stream": False}
     plain = http.post("/api/generate", json={"model": CHAT, **prompt}).json()["response"]
     text = f"FROM {CHAT}\nADAPTER {lora_adapter_gguf}\n"
@@ -703,10 +731,11 @@ def test_openai_tool_calls_streamed_and_not(target):
     assert follow.choices[0].message.content and follow.usage.prompt_tokens > r.usage.prompt_tokens
 
 
-def test_tool_call_rate_of_the_135m_model_left_free(http, target):
+def test_tool_call_rate_of_the_135m_model_left_free(model_target):
     """Without ``format`` the 135M model seldom answers with a call: every reply is either a parsed
     call or visible content (nothing dropped). The measured rate is printed, not asserted."""
-    labkit_only(target)
+    labkit_only(model_target)
+    http = httpx.Client(base_url=model_target[1], timeout=120)
     tool = {"type": "function", "function": {"name": "add_two_numbers", "description": "Add two numbers",
                                              "parameters": {"type": "object", "required": ["a", "b"], "properties": {
                                                  "a": {"type": "integer"}, "b": {"type": "integer"}}}}}
@@ -740,3 +769,55 @@ def test_openai_responses_api(target):
     if target[0] == "labkit":
         with pytest.raises(openai.BadRequestError, match="stateless"):
             c.responses.create(model=CHAT, input="hi", previous_response_id="resp_123")
+
+
+# ------------------------------------------------------------------------------ the real engine (make test)
+# The few tests that keep llama.cpp in make test: the engine path the fake stands in for (loading,
+# the chat template's special tokens, end of generation, logprobs from the logits, embeddings of both
+# kinds, stopping a generation whose client left) works. One server for the session (engine_server).
+@pytest.fixture(scope="module")
+def engine_url(tmp_path_factory) -> str:
+    return engine_server(tmp_path_factory).base_url
+
+
+@pytest.mark.engine
+def test_real_engine_generates_with_logprobs(engine_url):
+    body = {"model": CHAT, "prompt": "The capital of France is", "stream": False, "logprobs": True,
+            "top_logprobs": 2, "options": QUICK}
+    r = httpx.post(engine_url + "/api/generate", json=body, timeout=120).json()
+    check_final(r)
+    assert r["eval_count"] == 8 and r["done_reason"] == "length"
+    assert len(r["context"]) == r["prompt_eval_count"] + 8
+    check_logprobs(r["logprobs"], r["response"], 2)
+
+
+@pytest.mark.engine
+def test_real_engine_chat_streams_what_it_answers_whole(engine_url):
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "Say hello."}], "options": QUICK}
+    with httpx.Client(base_url=engine_url, timeout=120) as http:
+        with http.stream("POST", "/api/chat", json=body) as r:
+            lines = ndjson(r)
+        whole = http.post("/api/chat", json={**body, "stream": False}).json()
+    assert len(lines) >= 3 and all(x["done"] is False for x in lines[:-1])
+    check_final(lines[-1])
+    assert "".join(x["message"]["content"] for x in lines) == whole["message"]["content"]      # greedy
+
+
+@pytest.mark.engine
+def test_real_engine_embeds_with_both_kinds_of_model(engine_url):
+    st = httpx.post(engine_url + "/api/embed", json={"model": EMBED, "input": ["cats purr", "dogs bark"]}, timeout=120).json()
+    gg = httpx.post(engine_url + "/api/embed", json={"model": CHAT, "input": "cats purr"}, timeout=120).json()
+    assert len(st["embeddings"]) == 2 and len(st["embeddings"][0]) == 384        # sentence-transformers
+    assert len(gg["embeddings"][0]) == 576 and gg["prompt_eval_count"] > 0      # llama.cpp, SmolLM2's width
+    for v in st["embeddings"] + gg["embeddings"]:
+        assert abs(math.fsum(x * x for x in v) - 1) < 1e-3
+    assert st["embeddings"][0] != st["embeddings"][1]
+
+
+@pytest.mark.engine
+def test_real_engine_stops_when_the_client_goes_away(engine_url):
+    _abandon(engine_url, "/api/chat", dict(ABANDONED["/api/chat"], stream=True), "after first token")
+    t0 = time.monotonic()
+    reply = httpx.post(engine_url + "/api/generate", timeout=60,
+                       json={"model": CHAT, "prompt": "hi", "stream": False, "options": QUICK})
+    assert reply.status_code == 200 and time.monotonic() - t0 < 8

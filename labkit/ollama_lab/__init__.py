@@ -47,7 +47,9 @@ server, whose OpenAI compatibility is a translator around its native handlers):
 * :mod:`.settings` — defaults, ``OLLAMA_*`` variables, the command line; :mod:`.errors` — APIError
   and the one mapper to native or OpenAI-shaped error JSON; :mod:`.names` — ``name:tag``, times;
 * :mod:`.template` — the Go-template subset; :mod:`.store` — manifests and blobs;
-  :mod:`.scheduler` — loading, sharing and unloading models; :mod:`.service` — model facts,
+  :mod:`.scheduler` — loading, sharing and unloading models; :mod:`.engine` — what the server
+  asks of a loaded model and the factory that loads one (:mod:`.llama_engine`: llama-cpp-python's
+  ``Llama`` as that engine; tests put a fake one there); :mod:`.service` — model facts,
   options, prompts and the token loop; :mod:`.create` — the ``/api/create`` planner;
   :mod:`.inference` — one generation or embedding request;
 * :mod:`.tools` — tool capability, the tool-call tag and parser, the SmolLM2 tools template;
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 from .app import build_app, main, make_service
 from .create import QUANTIZE_TYPES, CreatePlan, check_gguf, execute_create, plan_create
+from .engine import EngineFactory, GGUFEmbedder, SentenceEmbedder, TextEngine, llama_cpp_engine
 from .errors import APIError, error_body, not_found
 from .names import normalize_name, now_rfc3339
 from .scheduler import RUNNER_OPTIONS, Loaded, Scheduler
@@ -69,8 +72,10 @@ from .template import render_go_template
 
 __all__ = [
     "BUNDLED_NAMES", "DEFAULT_KEEP_ALIVE", "DEFAULT_PORT", "QUANTIZE_TYPES", "RUNNER_OPTIONS", "VERSION",
-    "APIError", "CreatePlan", "Loaded", "Manifest", "Scheduler", "Service", "Store",
-    "build_app", "check_gguf", "default_models_dir", "error_body", "execute_create", "main", "make_service",
+    "APIError", "CreatePlan", "EngineFactory", "GGUFEmbedder", "Loaded", "Manifest", "Scheduler", "SentenceEmbedder",
+    "Service", "Store", "TextEngine",
+    "build_app", "check_gguf", "default_models_dir", "error_body", "execute_create", "llama_cpp_engine", "main",
+    "make_service",
     "normalize_name", "not_found", "now_rfc3339", "parse_duration", "parse_host", "plan_create",
     "render_go_template",
 ]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..cancellable import ClientGone
 from ..env import free_port, is_loopback, port_is_free
+from .engine import EngineFactory
 from .errors import APIError, error_response
 from .names import normalize_name
 from .scheduler import Scheduler
@@ -78,11 +79,13 @@ def build_app(service: Service):
 def make_service(models_dir: Path, *, model: str | None = None, name: str | None = None,
                  keep_alive: float | None = None, num_parallel: int | None = None,
                  max_loaded: int | None = None, context_length: int | None = None,
-                 num_thread: int = 0) -> Service:
+                 num_thread: int = 0, engine: EngineFactory | None = None) -> Service:
+    """The service over the store in ``models_dir``, with the bundled models (and ``model``, as ``name``)
+    registered. ``engine`` loads models (:mod:`.engine`; llama-cpp-python by default, a fake in tests)."""
     store = Store(models_dir)
     sched = Scheduler(**scheduler_settings(keep_alive=keep_alive, num_parallel=num_parallel,
                                            max_loaded=max_loaded, context_length=context_length),
-                      num_thread=num_thread)
+                      num_thread=num_thread, engine=engine)
     service = Service(store, sched)
     from .. import models
     for key, registered in BUNDLED_NAMES.items():

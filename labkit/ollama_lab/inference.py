@@ -180,12 +180,7 @@ def embed_vectors(service: Service, manifest: Manifest, inputs: list[str], body:
             n_tokens = sum(min(c, limit) for c in counts)
         else:
             if lm.embedder is None:
-                import llama_cpp
-                from llama_cpp import Llama
-                lm.embedder = Llama(model_path=manifest.path, embedding=True, n_ctx=lm.n_ctx or 2048,
-                                    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False,
-                                    n_threads=lm.runner_opts.get("num_thread") or None,
-                                    lora_path=manifest.adapters[0] if manifest.adapters else None)
+                lm.embedder = sched.engine(manifest, lm.runner_opts, embedding=True)
             vecs, n_tokens = [], 0
             for t in inputs:
                 toks = lm.embedder.tokenize(t.encode(), add_bos=True, special=False)

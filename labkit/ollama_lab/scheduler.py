@@ -1,19 +1,19 @@
 """Loaded models: which runners are in memory, who is using them, and when they go.
 
 One runner per weights file, several loaded at once (``OLLAMA_MAX_LOADED_MODELS``), up to
-``OLLAMA_NUM_PARALLEL`` llama.cpp instances each, unloaded when their keep-alive expires.
+``OLLAMA_NUM_PARALLEL`` llama.cpp instances each, unloaded when their keep-alive expires. The
+instances come from an engine factory (:mod:`.engine`): llama-cpp-python unless one is given.
 """
 from __future__ import annotations
 
 import gc
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..env import default_threads
+from .engine import EngineFactory, llama_cpp_engine
 from .errors import APIError
 from .store import Manifest
 
@@ -25,7 +25,7 @@ class Loaded:
     name: str
     manifest: Manifest
     runner_opts: dict
-    instances: list = field(default_factory=list)     # free llama_cpp.Llama objects (or one ST model)
+    instances: list = field(default_factory=list)     # free engines (engine.TextEngine, or one SentenceEmbedder)
     created: int = 0
     active: int = 0
     expires_at: float = 0.0                            # time.time() seconds; inf = never
@@ -49,12 +49,13 @@ class Scheduler:
     """
 
     def __init__(self, *, max_loaded: int, num_parallel: int, keep_alive: float, context_length: int,
-                 num_thread: int):
+                 num_thread: int, engine: EngineFactory | None = None):
         self.max_loaded = max(1, max_loaded)
         self.num_parallel = max(1, num_parallel)
         self.default_keep_alive = keep_alive
         self.context_length = context_length
         self.num_thread = num_thread
+        self.engine: EngineFactory = engine or llama_cpp_engine   # loads a model (tests pass a fake)
         self.loaded: dict[str, Loaded] = {}
         self.lock = threading.Condition()
         self._stop = threading.Event()
@@ -72,33 +73,8 @@ class Scheduler:
         return opts
 
     def _construct(self, lm: Loaded):
-        m, o = lm.manifest, lm.runner_opts
-        if m.kind == "sentence-transformers":
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
-            return SentenceTransformer(m.path, device="cpu")
-        from llama_cpp import Llama
-        kwargs = {"model_path": m.path, "n_ctx": int(o["num_ctx"]), "n_batch": int(o.get("num_batch", 512)),
-                  "verbose": False, "seed": 0}
-        # One thread count for decode and prompt batches: one per physical core unless num_thread says
-        # otherwise (llama-cpp-python would use every logical core for batches, which collapses when
-        # other processes share the CPU).
-        threads = int(o.get("num_thread") or default_threads())
-        kwargs["n_threads"] = kwargs["n_threads_batch"] = threads
-        if o.get("num_gpu") not in (None, -1):
-            kwargs["n_gpu_layers"] = int(o["num_gpu"])
-        else:
-            kwargs["n_gpu_layers"] = -1                  # like Ollama: offload what fits (no-op on CPU builds)
-        if "use_mmap" in o:
-            kwargs["use_mmap"] = bool(o["use_mmap"])
-        if o.get("use_mlock"):
-            kwargs["use_mlock"] = True
-        if o.get("repeat_last_n"):
-            kwargs["last_n_tokens_size"] = int(o["repeat_last_n"])
-        if m.adapters:
-            kwargs["lora_path"] = m.adapters[0]          # create allows one (llama-cpp-python applies one)
-        return Llama(**kwargs)
+        """A new instance of ``lm``'s model, from the engine factory."""
+        return self.engine(lm.manifest, lm.runner_opts)
 
     def acquire(self, manifest: Manifest, options: dict) -> tuple[Loaded, Any, int]:
         """(loaded model, an instance reserved for this request, load nanoseconds)."""

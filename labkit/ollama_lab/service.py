@@ -51,13 +51,11 @@ def ftype_names() -> dict[int, str]:
 
 def token_logprobs(inst, token: int, top: int) -> dict:
     """Ollama's logprob entry for ``token``, just sampled by ``inst``: its text, log-probability and
-    bytes, and the ``top`` most likely tokens at that position. Log-probabilities are the model's
-    own (log-softmax of the raw logits, before temperature and other samplers), as Ollama reports them."""
-    import llama_cpp
+    bytes, and the ``top`` most likely tokens at that position. Log-probabilities are the engine's
+    (:meth:`~labkit.ollama_lab.engine.TextEngine.last_logprobs`: the model's own, before temperature
+    and other samplers), as Ollama reports them."""
     import numpy as np
-    n_vocab = inst.n_vocab()
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(inst._ctx.ctx, -1), shape=(n_vocab,))
-    logprobs = inst.logits_to_logprobs(logits.astype(np.float32))
+    logprobs = np.asarray(inst.last_logprobs())
 
     def entry(t: int) -> dict:
         raw = inst.detokenize([int(t)])
@@ -217,8 +215,8 @@ class Service:
             tmpl = inst.metadata.get("tokenizer.chat_template")
             if not tmpl:
                 raise APIError(400, f"{lm.name} has no chat template; set TEMPLATE in a Modelfile or use raw")
-            eos = inst._model.token_get_text(inst.token_eos()) if inst.token_eos() >= 0 else ""
-            bos = inst._model.token_get_text(inst.token_bos()) if inst.token_bos() >= 0 else ""
+            eos = inst.token_text(inst.token_eos()) if inst.token_eos() >= 0 else ""
+            bos = inst.token_text(inst.token_bos()) if inst.token_bos() >= 0 else ""
             lm.formatter = Jinja2ChatFormatter(template=tmpl, eos_token=eos, bos_token=bos)
         return lm.formatter
 
@@ -278,13 +276,13 @@ class Service:
     # ---------------------------------------------------------------- generation core
     def run(self, inst, tokens: list[int], opts: dict, grammar, stats: dict,
             top_logprobs: int | None = None) -> Iterator[str]:
-        """Yield text pieces; fill ``stats`` with counts, durations (ns) and done_reason.
+        """Yield text pieces of ``inst``'s answer (a :class:`~labkit.ollama_lab.engine.TextEngine`);
+        fill ``stats`` with counts, durations (ns) and done_reason.
 
         With ``top_logprobs`` (0-20) set, each generated token's log-probability (and that many
         alternatives) is appended to ``stats["logprobs"]`` before the piece holding its text is
         yielded; the caller takes them from there. A token whose text never reaches the reply (the
         end of a stop string) has none."""
-        import llama_cpp
         n_ctx = inst.n_ctx()
         limit = int(opts.get("num_predict", -1))
         if len(tokens) >= n_ctx - 1:         # keep the most recent tokens, as Ollama truncates
@@ -311,7 +309,6 @@ class Service:
             mirostat_mode=int(opts.get("mirostat", 0)), mirostat_tau=float(opts.get("mirostat_tau", 5.0)),
             mirostat_eta=float(opts.get("mirostat_eta", 0.1)), grammar=grammar)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocab = inst._model.vocab
         pending, history = "", list(tokens)
         t_start = time.perf_counter_ns()
         t_first = None
@@ -319,7 +316,7 @@ class Service:
             for tok in gen:
                 if t_first is None:
                     t_first = time.perf_counter_ns()
-                if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                if inst.is_eog(tok):
                     stats["done_reason"] = "stop"
                     break
                 stats["eval_count"] += 1
