@@ -45,6 +45,7 @@ class NotebookResult:
     html: Path | None = None
     error: str = ""
     slowest: list[tuple[int, float, str]] = field(default_factory=list)   # (cell index, seconds, first line)
+    busy_at_start: float | None = None    # % CPU in use by anything when it started: timings mean little on a busy machine
 
     @property
     def ok(self) -> bool:
@@ -99,6 +100,8 @@ def execute(path: Path, *, tier: str = "ci", out_dir: Path = BUILD_DIR, paramete
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / path.name
     params = {"tier": tier, **(parameters or {})}
+    import psutil
+    busy_at_start = psutil.cpu_percent(interval=0.5)    # what else runs now (a load average would still count the last chapter)
     t0 = time.perf_counter()
     status, error = "ok", ""
     try:
@@ -127,7 +130,7 @@ def execute(path: Path, *, tier: str = "ci", out_dir: Path = BUILD_DIR, paramete
             html_path.write_text(body, encoding="utf-8")
         except Exception as exc:  # a rendering problem must not hide the run's own result
             error = (error + f"\n(HTML export failed: {exc})").strip()
-    return NotebookResult(path.stem, status, seconds, settings["budget_s"], output, html_path, error, slowest)
+    return NotebookResult(path.stem, status, seconds, settings["budget_s"], output, html_path, error, slowest, busy_at_start)
 
 
 def _first_line(cell) -> str:
@@ -138,13 +141,27 @@ def slowest_cells(executed: Path, n: int = 3) -> list[tuple[int, float, str]]:
     """The ``n`` cells that took longest in a papermill run (papermill records each cell's duration)."""
     import nbformat
     nb = nbformat.read(str(executed), as_version=4)
+    cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]   # the source's numbering
     timed = [(i, float((c.metadata.get("papermill") or {}).get("duration") or 0), _first_line(c))
-             for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+             for i, c in enumerate(cells) if c.cell_type == "code"]
     return sorted(timed, key=lambda t: -t[1])[:n]
 
 
 def _reference_cells(nb) -> list:
     return [c for c in nb.cells if c.cell_type == "code" and REFERENCE_TAG in c.metadata.get("tags", [])]
+
+
+def _reference_pairs(source: Path, executed: Path):
+    """(committed notebook, [(committed cell, executed cell)]) for each reference cell of ``source``,
+    matched by position (papermill's injected-parameters cell left out); a ValueError when the
+    executed copy was not run from this source."""
+    import nbformat
+    nb = nbformat.read(str(source), as_version=4)
+    run = [c for c in nbformat.read(str(executed), as_version=4).cells
+           if "injected-parameters" not in c.metadata.get("tags", [])]
+    if [c.source for c in nb.cells] != [c.source for c in run]:
+        raise ValueError(f"{executed} was not executed from the current {source}: run it again first")
+    return nb, [(c, r) for c, r in zip(nb.cells, run) if c.cell_type == "code" and REFERENCE_TAG in c.metadata.get("tags", [])]
 
 
 class _NbvalCell:
@@ -159,6 +176,8 @@ class _NbvalCell:
         self.parent = type("Parent", (), {"skip_compare": skip, "sanitize_patterns": patterns})()
         self.colors = nocolors
         self.comparison_traceback: list[str] = []
+        # outside pytest there is no assertion-repr hook: nbval then prints reference and fresh output in full
+        self.config, self.ihook = None, type("NoHooks", (), {"pytest_assertrepr_compare": staticmethod(lambda **_: [])})()
 
     def __getattr__(self, name):          # nbval's methods, bound to this stand-in
         from nbval.plugin import IPyNbCell
@@ -173,15 +192,14 @@ def sanitize_patterns(path: Path = SANITIZE_FILE) -> dict:
 def compare_references(source: Path, executed: Path, sanitize_file: Path = SANITIZE_FILE) -> list[str]:
     """Each reference cell of ``source`` whose output in ``executed`` differs (nbval's comparison,
     after its sanitizer patterns): one message per cell, naming it. Empty when all match."""
-    import nbformat
     from nbval.plugin import coalesce_streams
-    ref_cells = _reference_cells(nbformat.read(str(source), as_version=4))
-    run_cells = _reference_cells(nbformat.read(str(executed), as_version=4))
-    if len(ref_cells) != len(run_cells):
-        return [f"{len(ref_cells)} reference cells in {Path(source).name}, {len(run_cells)} in the executed copy"]
+    try:
+        _, pairs = _reference_pairs(source, executed)
+    except ValueError as exc:
+        return [str(exc)]
     judge = _NbvalCell(sanitize_patterns(sanitize_file))
     diffs = []
-    for ref, run in zip(ref_cells, run_cells):
+    for ref, run in pairs:
         judge.comparison_traceback = []
         if not judge.compare_outputs(coalesce_streams(run.outputs), coalesce_streams(ref.outputs)):
             diffs.append(f"cell `{_first_line(ref)}`:\n" + "\n".join(map(str, judge.comparison_traceback))[-1500:])
@@ -192,16 +210,13 @@ def update_references(source: Path, executed: Path) -> int:
     """Copy the reference cells' outputs from an executed copy into the committed notebook (execution
     counts cleared, as nbstripout leaves them); returns how many cells were written."""
     import nbformat
-    nb = nbformat.read(str(source), as_version=4)
-    ref_cells, run_cells = _reference_cells(nb), _reference_cells(nbformat.read(str(executed), as_version=4))
-    if [c.source for c in ref_cells] != [c.source for c in run_cells]:
-        raise ValueError(f"{executed} was not executed from the current {source}: run it again first")
-    for ref, run in zip(ref_cells, run_cells):
-        ref.outputs = [{**o, "execution_count": None} if "execution_count" in o else o for o in run.outputs]
+    nb, pairs = _reference_pairs(source, executed)
+    for ref, run in pairs:
+        ref.outputs = [nbformat.from_dict({**o, "execution_count": None}) if "execution_count" in o else o for o in run.outputs]
         ref.execution_count = None
         ref.metadata["keep_output"] = True
     nbformat.write(nb, str(source))
-    return len(ref_cells)
+    return len(pairs)
 
 
 def run_all(paths: list[Path] | None = None, **kwargs) -> list[NotebookResult]:
@@ -219,6 +234,8 @@ def format_table(results: list[NotebookResult]) -> str:
     rows = [("notebook", "status", "wall s", "budget s", "")]
     for r in results:
         flag = "" if r.within_budget in (None, True) else "OVER BUDGET"
+        if r.busy_at_start is not None and r.busy_at_start > 30:
+            flag = (flag + f" (CPU {r.busy_at_start:.0f}% busy at start: timings unreliable)").strip()
         rows.append((r.name, r.status, f"{r.seconds:.1f}", "-" if r.budget_s is None else f"{r.budget_s:.0f}", flag))
     rows.append(("total", "ok" if all(r.ok for r in results) else "FAILED",
                  f"{sum(r.seconds for r in results):.1f}", "", ""))
