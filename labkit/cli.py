@@ -33,7 +33,12 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import signal
+
     from .servers import serve
+    # "Ctrl-C stops it" must hold even when this process inherited SIGINT as ignored (anything started in the
+    # background by a non-interactive shell, `cmd &` in a script or CI, does): Python then installs no handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     options = {}
     for item in args.option or []:
         key, _, value = item.partition("=")

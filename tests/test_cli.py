@@ -56,11 +56,15 @@ def test_serve_foreground_bad_model_exits_1():
     assert r.returncode == 1 and "error:" in r.stderr and "neither a bundled model" in r.stderr
 
 
-def test_serve_foreground_starts_and_stops():
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_serve_foreground_starts_and_stops(sigint):
+    """Ctrl-C stops it, also when SIGINT came in ignored: a background job of a non-interactive shell (a script's
+    `cmd &`, CI) inherits it so, and Python then installs no KeyboardInterrupt handler (this hung CI once)."""
     import signal
     import urllib.request
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint == "ignored" else None
     proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "serve", "llama.cpp"], stdout=subprocess.PIPE,
-                            text=True, cwd=REPO)
+                            text=True, cwd=REPO, preexec_fn=ignore)
     try:
         line = proc.stdout.readline()
         assert "serving 'smollm2' at http://127.0.0.1:" in line

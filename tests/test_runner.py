@@ -21,6 +21,10 @@ def test_execute_ok_with_injected_tier(tmp_path):
     assert result.ok, result.error
     assert result.html and result.html.exists()
     assert "tier is ci" in result.output.read_text()
+    # where the time went, numbered as in the source notebook (papermill's injected cell left out)
+    assert [i for i, _, _ in result.slowest] and {i for i, _, _ in result.slowest} <= {0, 1}
+    assert any(first.startswith("assert tier") for _, _, first in result.slowest)
+    assert "slowest cells" in runner.format_table([result])
 
 
 def test_execute_reports_failing_cell(tmp_path):
