@@ -94,6 +94,16 @@ def llama_programs_check() -> Check:
                  "make setup (rebuilds the programs from the pinned llama-cpp-python source)", required=False)
 
 
+def rpc_device_check() -> Check:
+    """llama.cpp's RPC device (``ggml-rpc-server``): built, and the programs take ``--rpc`` (chapters 03, 07, 08)."""
+    from . import llama_tools, rpc
+    if not rpc.built():
+        return Check("llama.cpp RPC device (GPU lessons on the CPU)", False, "ggml-rpc-server is not built",
+                     "make setup (builds it with the other programs, -DGGML_RPC=ON)", required=False)
+    return Check("llama.cpp RPC device (GPU lessons on the CPU)", True,
+                 f"{llama_tools.program('ggml-rpc-server')}; labkit.serve('rpc') starts one on 127.0.0.1")
+
+
 def run_checks(model=None, n_ctx: int = 2048, require_gpu: bool = False, min_free_vram_gb: float | None = None,
                ports: list[int] = (), start_engine: bool = False, lock: Path = LOCK_FILE) -> list[Check]:
     from . import hardware, models
@@ -116,6 +126,7 @@ def run_checks(model=None, n_ctx: int = 2048, require_gpu: bool = False, min_fre
     if llama:
         checks.append(repack_check())
     checks.append(llama_programs_check())
+    checks.append(rpc_device_check())
     server_ok = all(importlib.util.find_spec(m) for m in ("uvicorn", "fastapi", "sse_starlette", "starlette_context"))
     checks.append(Check("llama-cpp-python [server] extra", server_ok, "present" if server_ok else "missing", "make setup"))
     checks.append(Check("vLLM environment (.venv-vllm)", bool(hw.engines.get("vllm")), hw.engines.get("vllm") or "missing",

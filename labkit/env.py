@@ -81,6 +81,15 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def accepts(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True when something accepts a TCP connection at host:port (a wildcard host means this machine)."""
+    try:
+        with socket.create_connection((host if host not in ("0.0.0.0", "::") else "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS says is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

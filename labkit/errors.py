@@ -39,3 +39,7 @@ class UnsupportedModelError(LabkitError, ValueError):
 
 class AdapterMismatchError(LabkitError, ValueError):
     """A LoRA adapter that does not fit the base model it is applied to (architecture, tensor shapes)."""
+
+
+class DeviceUnreachableError(LabkitError, ConnectionError):
+    """An accelerator endpoint (llama.cpp's RPC device) that does not answer; refused before the engine starts."""

@@ -1,7 +1,8 @@
 """llama.cpp's own programs, built from the pinned llama-cpp-python's source (introduced in chapter 03).
 
 ``make setup`` compiles ``llama-server``, ``llama-bench``, ``llama-quantize``,
-``llama-perplexity``, ``llama-imatrix`` and ``llama-gguf-split`` from the llama.cpp tree
+``llama-perplexity``, ``llama-imatrix``, ``llama-gguf-split``, ``llama-cli``, ``llama-completion``,
+``llama-fit-params`` and the RPC device ``ggml-rpc-server`` (:mod:`labkit.rpc`) from the llama.cpp tree
 vendored in the pinned llama-cpp-python sdist (``scripts/build_llama_tools.sh``) and links them
 at ``.llama.cpp/`` in the repository, with the converters ``convert_hf_to_gguf.py`` and
 ``convert_lora_to_gguf.py`` of the same commit. One commit for bindings and programs means one
@@ -23,7 +24,8 @@ from pathlib import Path
 from .env import REPO_ROOT
 from .errors import EngineNotInstalledError
 
-PROGRAMS = ("llama-server", "llama-bench", "llama-quantize", "llama-perplexity", "llama-imatrix", "llama-gguf-split")
+PROGRAMS = ("llama-server", "llama-bench", "llama-quantize", "llama-perplexity", "llama-imatrix", "llama-gguf-split",
+            "llama-cli", "llama-completion", "llama-fit-params", "ggml-rpc-server")
 CONVERTERS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")
 
 

@@ -51,6 +51,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from . import offload
 from .bench import RequestTiming, piece_of, timed_stream  # noqa: F401  (lc.piece_of / lc.timed_stream: chapter 03)
 from .bench import llama_perf as perf
 from .env import DATA_DIR, is_loopback
@@ -666,18 +667,15 @@ def llama_server_command(model_path, *, n_ctx: int = 2048, port: int = 8080, hos
 
 
 # ----------------------------------------------------------------------------- GPU offload
-_OFFLOAD_RE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
-
-
 def offloaded_layers(log_text: str) -> tuple[int, int]:
     """(layers offloaded, layers in total) from llama.cpp's load information (an info-level
-    line of the default verbose log, printed by ``load_tensors``)."""
-    m = _OFFLOAD_RE.findall(log_text)
-    if not m:
+    line of the default verbose log, printed by ``load_tensors``; :func:`labkit.offload.account`
+    reads the buffers too)."""
+    acct = offload.account(log_text)
+    if acct.offloaded is None:
         raise LookupError("no 'offloaded N/M layers to GPU' line: load with verbose=True, and check that this "
                           "llama.cpp build has a GPU backend (llama_supports_gpu_offload())")
-    done, total = m[-1]
-    return int(done), int(total)
+    return acct.offloaded, acct.total
 
 
 def load_with_log(model_path, **params):

@@ -23,6 +23,15 @@ Engines:
 * ``"vllm"`` — vLLM's OpenAI-compatible server, run by the ``.venv-vllm`` interpreter.
 * ``"ollama"`` — a real ``ollama serve`` when the binary is installed, an Ollama already
   answering at ``$OLLAMA_HOST``, or else labkit's Ollama-compatible server.
+* ``"rpc"`` — llama.cpp's RPC device (``ggml-rpc-server``, :mod:`labkit.rpc`): no model; the
+  handle's ``endpoint`` goes to ``serve("llama-server", model, rpc=endpoint)``, whose engine then
+  treats it as a GPU. Ready when its TCP port accepts.
+
+``serve("llama-server", ..., rpc=...)`` checks every endpoint before starting (the engine aborts on an
+unreachable one), and ``gpu_only`` — on by default when a device is given without ``n_gpu_layers`` —
+refuses a server whose engine did not put every layer on the devices (its own log says so), naming
+what did not fit; ``gpu_only=False`` allows a CPU fallback instead (an unreachable device is dropped
+with a warning).
 
 Options are passed to the engine as ``--name value`` flags (underscores kept for llama.cpp,
 turned into dashes for llama-server and vLLM); ``True`` values become bare flags for those two.
@@ -47,6 +56,7 @@ from pathlib import Path
 from . import models
 from .env import (  # noqa: F401  (re-exported: labkit.servers.free_port etc. are public; _answers/_ollama_host older names)
     REPO_ROOT,
+    accepts,
     find_vllm_python,
     free_port,
     is_loopback,
@@ -59,7 +69,14 @@ from .env import answers as _answers  # noqa: F401
 from .env import ollama_host as _ollama_host  # noqa: F401
 from .errors import EngineNotInstalledError, PortInUseError, ServerStartError
 
-ENGINES = ("llama.cpp", "llama-server", "vllm", "ollama")
+ENGINES = ("llama.cpp", "llama-server", "vllm", "ollama", "rpc")
+# (log pattern, what it means and what to do) for engine exits labkit can explain
+_KNOWN_EXITS = [
+    (r"Remote RPC server crashed|Failed to connect to .*RPC|RPC server .* failed",
+     "Its RPC device went away (stopped, crashed, or the network dropped): llama.cpp aborts when a device disappears, "
+     "as it does when a GPU falls off the bus. Nothing is left running; start the device again (labkit.serve('rpc')) "
+     "and then the server."),
+]
 LOG_TAIL_LINES = 30
 _live: "set[Server]" = set()
 _live_lock = threading.Lock()
@@ -99,6 +116,11 @@ class Server:
         return f"http://{self.host if self.host not in ('0.0.0.0', '::') else '127.0.0.1'}:{self.port}"
 
     @property
+    def endpoint(self) -> str:
+        """``host:port``, the form llama.cpp's ``--rpc`` takes."""
+        return f"{self.host}:{self.port}"
+
+    @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
@@ -119,6 +141,21 @@ class Server:
 
     def alive(self) -> bool:
         return self.process is None or self.process.poll() is None
+
+    def why_stopped(self) -> str | None:
+        """None while the server runs; once its engine has exited, its exit code, the first error line of
+        its log, and what to do for the causes labkit knows (e.g. an RPC device that went away)."""
+        if self.alive():
+            return None
+        code = self.process.poll()
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        errors = [line.strip() for line in text.splitlines()
+                  if re.search(r"\berror\b|failed|crashed|GGML_ASSERT|Traceback", line, re.IGNORECASE)]
+        reason = f"The {self.engine} server exited with code {code}" + (f": {errors[0][:300]}" if errors else ".")
+        for pattern, advice in _KNOWN_EXITS:
+            if re.search(pattern, text):
+                return f"{reason}\n{advice}"
+        return f"{reason}\nIts log: {self.log_path}"
 
     def pids(self) -> list[int]:
         """The supervisor and every process under it — the engine and anything it started — while
@@ -282,7 +319,9 @@ def _command(engine: str, model_path: Path, name: str, host: str, port: int,
         return argv + _flags(opts, dash=False), {}, "/v1/models"
     if engine == "llama-server":
         from . import llama_tools, repack
-        opts = {"ctx_size": 2048, "threads": usable_cores()}
+        # log verbosity 4: the pinned llama-server logs its load account (layers offloaded, each device's
+        # buffers: labkit.offload) only above its default level 3; it adds ~30 lines per request, not per token
+        opts = {"ctx_size": 2048, "threads": usable_cores(), "log_verbosity": 4}
         opts.update(options)
         argv = [str(llama_tools.program("llama-server")), "--model", str(model_path), "--alias", name,
                 "--host", host, "--port", str(port), *repack.llama_server_args()]
@@ -312,6 +351,12 @@ def _command(engine: str, model_path: Path, name: str, host: str, port: int,
         # have lowered the level for its in-process engine).
         env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "VLLM_LOGGING_LEVEL": "INFO"}
         return argv + _flags(opts, dash=True), env, "/v1/models"
+    if engine == "rpc":
+        from . import llama_tools
+        opts = {"threads": usable_cores()}
+        opts.update(options)
+        argv = [str(llama_tools.program("ggml-rpc-server")), "--host", host, "--port", str(port)]
+        return argv + _flags(opts, dash=True), {}, None
     if engine == "ollama":
         if shutil.which("ollama"):
             return [shutil.which("ollama"), "serve"], {"OLLAMA_HOST": f"{host}:{port}"}, "/api/version"
@@ -338,16 +383,28 @@ def _ready(url: str, api_key: str | None, timeout: float = 1.0) -> bool:
 
 def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
           host: str = "127.0.0.1", port: int | None = None, api_key: str | None = None,
-          name: str | None = None, ready_timeout: float | None = None, **options) -> Server:
+          name: str | None = None, ready_timeout: float | None = None, gpu_only: bool | None = None,
+          **options) -> Server:
     """Start ``engine`` serving ``model`` and return a running :class:`Server`.
 
     ``model`` is anything :func:`labkit.models.get` accepts (default: the bundled SmolLM2).
     ``port=None`` picks a free port; a fixed busy port raises :class:`PortInUseError`.
     ``host`` defaults to loopback: binding ``0.0.0.0`` exposes the server to your network, so
-    pass an ``api_key`` when you do.
+    pass an ``api_key`` when you do. ``gpu_only`` (llama-server): refuse to run unless every layer
+    is on the accelerators; default on when ``rpc=`` is given without ``n_gpu_layers``.
     """
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+    if engine == "rpc":
+        return _start_rpc_device(host, port, ready_timeout, options)
+    if "rpc" in options and engine != "llama-server":
+        raise ValueError(f"rpc= is a llama-server option; the pinned {engine} cannot use an RPC device "
+                         "(llama-cpp-python has no rpc_servers parameter). Use engine='llama-server'.")
+    if engine == "llama-server" and gpu_only is None:
+        gpu_only = "rpc" in options and "n_gpu_layers" not in options
+    if engine == "llama-server" and "rpc" in options:
+        from .rpc import check_endpoints
+        options = dict(options, rpc=check_endpoints(options["rpc"], gpu_only=bool(gpu_only)))
     # Ollama's library names for the bundled models (`ollama pull smollm2:135m` / `all-minilm` on a real one)
     ollama_names = models.OLLAMA_NAMES
     if engine == "ollama" and real_ollama() == "running" and port is None:
@@ -381,12 +438,39 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
         p = port if port is not None else free_port(host)
         argv, extra_env, ready_path = _command(engine, model_path, name, host, p, api_key, options)
         try:
-            return _start(engine, name, host, p, api_key, argv, extra_env, ready_path, timeout)
+            srv = _start(engine, name, host, p, api_key, argv, extra_env, ready_path, timeout)
         except ServerStartError as exc:
             last_error = exc
             if "address already in use" not in str(exc).lower():
                 raise
+            continue
+        if engine == "llama-server" and gpu_only:
+            _require_full_offload(srv, options.get("rpc"))
+        return srv
     raise last_error  # every automatic port was taken by the time the engine bound it
+
+
+def _require_full_offload(srv: Server, rpc: str | None) -> None:
+    """Stop ``srv`` and raise unless its engine logged every layer on an accelerator (``gpu_only``)."""
+    from .offload import account
+    from .rpc import require_full_offload
+    try:
+        require_full_offload(account(srv.log_path.read_text(errors="replace")), srv.model, rpc)
+    except BaseException:
+        srv.stop()
+        raise
+
+
+def _start_rpc_device(host: str, port: int | None, ready_timeout: float | None, options: dict) -> Server:
+    """``serve("rpc")``: llama.cpp's RPC device, ready when its port accepts a connection."""
+    if port is not None and not port_is_free(port, host):
+        raise PortInUseError(f"Port {port} on {host} is already in use{_who_listens(port)}: pick another, or port=None.")
+    if not is_loopback(host):
+        print(f"WARNING: the RPC device will listen on {host}. Its protocol has no authentication: anyone who "
+              "reaches the port can run computations and read its memory. Use a network you trust only.", file=sys.stderr)
+    p = port if port is not None else free_port(host)
+    argv, extra_env, _ = _command("rpc", Path(os.devnull), "rpc", host, p, None, options)
+    return _start("rpc", "rpc", host, p, None, argv, extra_env, None, ready_timeout or 30)
 
 
 def _start(engine, name, host, port, api_key, argv, extra_env, ready_path, timeout) -> Server:
@@ -401,14 +485,15 @@ def _start(engine, name, host, port, api_key, argv, extra_env, ready_path, timeo
     with _live_lock:
         _live.add(srv)
     t0 = time.monotonic()
-    url = srv.base_url + ready_path
+    # an HTTP path that must answer 200, or (None) a TCP port that must accept: the RPC device speaks no HTTP
+    url = srv.base_url + ready_path if ready_path else srv.endpoint
     try:
         while True:
             if proc.poll() is not None:
                 raise ServerStartError(
                     f"The {engine} server exited with code {proc.returncode} while starting. "
                     f"Last {LOG_TAIL_LINES} log lines ({log_name}):\n{srv.logs()}")
-            if _ready(url, api_key):
+            if _ready(url, api_key) if ready_path else accepts(host, port):
                 break
             if time.monotonic() - t0 > timeout:
                 raise ServerStartError(

@@ -1,8 +1,7 @@
 """Diagnoses for the problems chapter 07 reproduces: each turns a silent failure into a clear one.
 
-* :func:`offload_report` — is this ``Llama`` really on the GPU? Read from the build's features
-  (``llama_supports_gpu_offload``) and the load parameters (layers requested vs the model's
-  layer count), not by grepping a debug log line that the default log level never prints.
+* :func:`offload_report` — are the layers really on the GPU? The engine's own account of the load
+  (layers assigned, and which device each buffer went to), the same on CUDA, Metal and RPC devices.
 * :func:`require_gpu` — the "GPU or nothing" launch guard (also ``labkit doctor --require-gpu``).
 * :func:`preflight_load` — load a GGUF's vocabulary in a *separate process* and explain why
   llama.cpp refused it (unknown architecture, corrupt file), without risking this kernel.
@@ -22,50 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GPURequiredError, LabkitError, UnsupportedModelError
+from .offload import EngineAccount, account
 
 
 # ----------------------------------------------------------------------------- GPU offload
-@dataclass
-class OffloadReport:
-    build_supports_gpu: bool
-    gpu_present: bool
-    n_layers: int                # repeating layers of the model
-    requested_gpu_layers: int    # n_gpu_layers as passed (-1 = all)
-    offloaded_layers: int        # what actually runs on the GPU
+def offload_report(source) -> EngineAccount:
+    """Where a load's layers and buffers went, from the engine's own account (:mod:`labkit.offload`).
 
-    @property
-    def verdict(self) -> str:
-        if not self.build_supports_gpu:
-            return ("CPU only: this llama-cpp-python was built without GPU support, so n_gpu_layers is ignored. "
-                    "Rebuild it with `make setup GPU=1` (CMAKE_ARGS=-DGGML_CUDA=on).")
-        if not self.gpu_present:
-            return "CPU only: the build supports GPUs but no GPU is visible (check nvidia-smi, drivers, CUDA_VISIBLE_DEVICES)."
-        if self.offloaded_layers == 0:
-            return "CPU only: n_gpu_layers is 0. Pass n_gpu_layers=-1 to offload every layer."
-        if self.offloaded_layers < self.n_layers:
-            return (f"Partial offload: {self.offloaded_layers} of {self.n_layers} layers on the GPU; the rest run on the "
-                    "CPU and every token waits for them. Raise n_gpu_layers (-1 = all) if it fits.")
-        return f"Full offload: all {self.n_layers} layers on the GPU."
-
-    @property
-    def fully_on_gpu(self) -> bool:
-        return self.verdict.startswith("Full")
-
-
-def offload_report(llm) -> OffloadReport:
-    """Where the layers of a loaded ``llama_cpp.Llama`` run."""
-    import llama_cpp
-
-    from .hardware import nvidia_gpus
-    supports = bool(llama_cpp.llama_supports_gpu_offload())
-    n_layers = int(llama_cpp.llama_model_n_layer(llm.model))
-    requested = int(llm.model_params.n_gpu_layers)
-    if requested >= 2**31 - 1:      # llama-cpp-python stores -1 ("all") as INT_MAX
-        requested = -1
-    gpu = bool(nvidia_gpus())
-    effective = n_layers if requested < 0 else min(requested, n_layers)
-    offloaded = effective if (supports and gpu) else 0
-    return OffloadReport(supports, gpu, n_layers, requested, offloaded)
+    ``source``: a server's handle (its log is read), or the log text of an in-process load
+    (:func:`labkit.llamacpp_lab.load_with_log`). The same lines on CUDA, Metal and the RPC device;
+    never inferred from ``nvidia-smi``, which knows nothing of Metal or RPC devices, nor of which
+    process holds the memory.
+    """
+    if hasattr(source, "log_path"):
+        source = Path(source.log_path).read_text(errors="replace")
+    if not isinstance(source, str):
+        raise TypeError("offload_report reads the engine's load log: pass a labkit server, or the log text from "
+                        "labkit.llamacpp_lab.load_with_log(model_path, n_gpu_layers=...) for an in-process Llama")
+    return account(source)
 
 
 def require_gpu(min_free_gib: float = 0.0) -> None:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's own programs (llama-server, llama-bench, llama-quantize, llama-perplexity,
-# llama-imatrix, llama-gguf-split) from the llama.cpp tree vendored in the pinned
-# llama-cpp-python sdist, so the programs and the Python bindings share one commit: same file
-# formats, same kernels, comparable numbers.
+# llama-imatrix, llama-gguf-split, llama-cli, llama-completion, llama-fit-params and the RPC
+# device ggml-rpc-server) from the llama.cpp tree vendored in the pinned llama-cpp-python sdist,
+# so the programs and the Python bindings share one commit: same file formats, same kernels,
+# comparable numbers. GGML_RPC=ON: the programs take --rpc HOST:PORT and treat an rpc-server as a
+# GPU (labkit.rpc: the GPU lessons on a CPU). The bindings are built without it.
 #
 #   build_llama_tools.sh DEST     builds into DEST/bin and keeps the converter scripts in DEST/src
 #
@@ -27,12 +29,14 @@ tree=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
 flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON
        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
        # The sdist carries no web-UI assets and the build may not download them.
-       -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF)
+       -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
+       -DGGML_RPC=ON)
 [ "$GPU" = 1 ] && flags+=(-DGGML_CUDA=ON)
 # Extra cmake flags, e.g. a build without AMX kernels: LLAMA_TOOLS_CMAKE_ARGS="-DGGML_NATIVE=OFF ..."
 read -r -a extra <<<"${LLAMA_TOOLS_CMAKE_ARGS:-}"
 cmake -S "$tree" -B "$work/build" "${flags[@]}" "${extra[@]}" >/dev/null
-targets=(${LLAMA_TOOLS_TARGETS:-llama-server llama-bench llama-quantize llama-perplexity llama-imatrix llama-gguf-split})
+targets=(${LLAMA_TOOLS_TARGETS:-llama-server llama-bench llama-quantize llama-perplexity llama-imatrix llama-gguf-split
+          llama-cli llama-completion llama-fit-params ggml-rpc-server})
 cmake --build "$work/build" -j"$JOBS" --target "${targets[@]}" >/dev/null
 
 rm -rf "$DEST"; mkdir -p "$DEST/bin" "$DEST/src"

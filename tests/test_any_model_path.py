@@ -55,6 +55,7 @@ def test_split_model_runs_in_the_engines(split_model, smollm2_path):
         assert reply.choices[0].text == whole["choices"][0]["text"]
 
 
+@pytest.mark.full      # a split model end to end, with the split-model chapter runs: make test-full
 @needs_split_tool
 def test_split_model_dequantizes_to_the_same_file_as_the_whole(split_model, smollm2_path, tmp_path):
     """to_float (the first step of chapter 01's ladder, and of chapter 03's draft model) reads every part:

@@ -148,6 +148,21 @@ def test_chapter_07_catches_a_kv_formula_twice_too_large(tmp_path, monkeypatch):
 
 
 @pytest.mark.notebook
+@pytest.mark.parametrize("mutation, check", [
+    # a diagnosis that believes the "offloaded N/M layers" line: a build that can offload logs it with no device there
+    ("offload.EngineAccount.on_device = property(lambda self: bool(self.offloaded))\n", "not fallback.on_device"),
+    # a partial offload reported as full
+    ("offload.EngineAccount.fully_offloaded = property(lambda self: self.on_device)\n", "not partial.fully_offloaded"),
+    # a guard that lets a partial offload through
+    ("rpc.require_full_offload = lambda *args, **kwargs: None\n", "device too small"),
+], ids=["offload-line-believed", "partial-as-full", "guard-off"])
+def test_chapter_07_catches_a_wrong_offload_diagnosis(mutation, check, tmp_path, monkeypatch):
+    result = run_mutated("07", "from labkit import offload, rpc\n" + mutation, tmp_path, monkeypatch)
+    assert result.status == "failed", f"chapter 07 passed with {mutation!r}"
+    assert check in result.error, result.error
+
+
+@pytest.mark.notebook
 def test_chapter_10_catches_an_activation_estimate_half_again_too_large(tmp_path, monkeypatch):
     mutation = (
         "from labkit import finetune\n"

@@ -248,6 +248,7 @@ def test_base_model_gets_one_chat_format_in_transformers_and_llama_cpp(tmp_path)
 
 
 # ----------------------------------------------------------------------------- end to end, real engines
+@pytest.mark.full      # chapter 10 trains, converts and applies an adapter in make test; this is its second run
 def test_tiny_lora_trains_and_round_trips_through_llama_cpp(tmp_path):
     """A few real steps on SmolLM2: the loss falls; the adapter converts to GGUF, llama.cpp applies it
     (the next-token logits change) and leaves the base alone without it."""

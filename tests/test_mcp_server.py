@@ -148,6 +148,7 @@ async def check_every_tool(session, engine) -> None:
     assert '"served"' in resource.contents[0].text and resource.contents[0].mimeType == "application/json"
 
 
+@pytest.mark.full      # chapter 09 calls the tools over HTTP and test_cli over stdio in make test
 @pytest.mark.parametrize("transport", ["stdio", "http"])
 def test_every_tool_answers(transport, engine, request, tmp_path):
     async def go():

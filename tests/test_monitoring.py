@@ -53,6 +53,7 @@ def test_render_config_names_every_job():
     assert "scrape_interval: 2s" in text and '"b b"' in text and '["127.0.0.1:2"]' in text
 
 
+@pytest.mark.full      # chapter 08 scrapes a real server with Prometheus in make test
 def test_scrapes_queries_and_leaves_nothing_behind(prometheus, exporter):
     address = f"127.0.0.1:{exporter.server_address[1]}"
     with monitoring.start_prometheus([address, "127.0.0.1:9"], names=["demo", "nothing"]) as prom:

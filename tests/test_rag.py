@@ -246,6 +246,7 @@ def test_sweep_rows(embeddings):
 
 
 # --------------------------------------------------------------------------- real engines
+@pytest.mark.full      # chapter 05 builds the index and runs the chain on a real engine in make test
 @pytest.mark.parametrize("engine", ["llama.cpp", "ollama"])
 def test_index_and_chain_on_a_real_engine(engine, index):
     """The whole pipeline against a served SmolLM2; the ollama engine is labkit's Ollama-compatible
