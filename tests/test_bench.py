@@ -79,6 +79,7 @@ def test_harness_agrees_with_llama_cpp_counters():
         assert t.ttft >= t.engine["prompt_ms"] / 1000 * 0.9
 
 
+@pytest.mark.full      # chapter 06 checks the same agreement with Ollama's counters in make test
 def test_harness_agrees_with_ollama_nanosecond_counters():
     import labkit
     with labkit.serve("ollama") as srv:

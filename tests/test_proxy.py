@@ -209,6 +209,7 @@ def first_byte_after(port: int, path: str) -> float:
     return first
 
 
+@pytest.mark.full      # chapter 08 measures every buffering set-up through nginx in make test
 def test_proxy_buffering_holds_a_stream_back_unless_turned_off(nginx, backends):
     backend = [backends["a"]]
     # nginx's default upstream protocol (HTTP/1.0): an unchunked stream waits in nginx's buffers
