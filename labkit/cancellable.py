@@ -70,7 +70,7 @@ class Producer:
                 raise item
 
 
-def cancellable_stream(gen: Iterator[str], media_type: str, closes: tuple[Iterator, ...] = ()):
+def cancellable_stream(gen: Iterator[str], media_type: str, closes: tuple[Iterator, ...] = (), headers: dict | None = None):
     """A Starlette ``StreamingResponse`` over ``gen`` that stops ``gen`` when the response ends."""
     from starlette.responses import StreamingResponse
 
@@ -82,7 +82,7 @@ def cancellable_stream(gen: Iterator[str], media_type: str, closes: tuple[Iterat
                 producer.stop.set()
 
     producer = Producer(gen, closes)
-    return CancellableStream(producer.__aiter__(), media_type=media_type)
+    return CancellableStream(producer.__aiter__(), media_type=media_type, headers=headers)
 
 
 async def drain(request, gen: Iterator, reduce: Callable[[list], Any] = list, poll_s: float = 0.05) -> Any:

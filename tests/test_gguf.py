@@ -124,6 +124,7 @@ def f16_file(smollm2_path, tmp_path_factory):
     return to_float(smollm2_path, tmp_path_factory.mktemp("f16") / "smol-f16.gguf", "f16")
 
 
+@pytest.mark.full      # chapter 01 checks the same F16, tensor for tensor, against llama.cpp's converter
 def test_to_float_keeps_metadata_and_values(smollm2_path, f16_file):
     from gguf import GGUFReader
 

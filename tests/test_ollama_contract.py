@@ -644,6 +644,23 @@ def test_unsupported_fields_get_the_same_400_on_both_apis(http, target):
     assert ok.status_code == 200                        # "none" is think: false, which every model can do
 
 
+def test_fields_ollama_ignores_do_not_break_a_client(http, target):
+    """A client that sends logit_bias, n, user or tool_choice works against Ollama, which ignores them: it must work here
+    too (200, one choice), and the lab says in a header what it did not do."""
+    msgs = [{"role": "user", "content": "x"}]
+    chat = http.post("/v1/chat/completions", json={"model": CHAT, "max_tokens": 2, "messages": msgs, "logit_bias": {"1": 5},
+                                                   "n": 2, "user": "u-1", "tool_choice": "required"})
+    comp = http.post("/v1/completions", json={"model": CHAT, "max_tokens": 2, "prompt": "x", "echo": True, "best_of": 3})
+    streamed = http.post("/v1/chat/completions", json={"model": CHAT, "max_tokens": 2, "messages": msgs, "stream": True,
+                                                       "logit_bias": {"1": 5}})
+    assert [r.status_code for r in (chat, comp, streamed)] == [200, 200, 200], (chat.text, comp.text, streamed.text)
+    assert len(chat.json()["choices"]) == len(comp.json()["choices"]) == 1
+    if target[0] != "real":
+        assert chat.headers["x-labkit-ignored-fields"] == "logit_bias, n, tool_choice, user"
+        assert comp.headers["x-labkit-ignored-fields"] == "best_of, echo"
+        assert streamed.headers["x-labkit-ignored-fields"] == "logit_bias"
+
+
 # ------------------------------------------------------------------------------ tool calls
 TOOLS_MODEL = "smollm2-tools:135m"
 WEATHER_TOOL = {"type": "function", "function": {

@@ -369,15 +369,22 @@ def test_openai_fields_are_translated_or_refused(service):
     ob, _, _ = translate({"prompt": "x", "logprobs": 3}, m, "completion")
     assert (ob["logprobs"], ob["top_logprobs"]) == (True, 3)
     for body, kind, words in (({"messages": msgs[:1], "reasoning_effort": "extreme"}, "chat", "invalid reasoning value"),
-                              ({"messages": msgs[:1], "n": 2}, "chat", "n (more than one choice)"),
-                              ({"messages": msgs[:1], "tool_choice": "required"}, "chat", "tool_choice"),
-                              ({"messages": msgs[:1], "logit_bias": {"1": 5}}, "chat", "logit_bias"),
-                              ({"prompt": "x", "suffix": "y"}, "completion", "does not support insert (suffix)"),
-                              ({"prompt": "x", "echo": True}, "completion", "echo"),
-                              ({"prompt": "x", "best_of": 3}, "completion", "best_of")):
+                              ({"prompt": "x", "suffix": "y"}, "completion", "does not support insert (suffix)")):
         with pytest.raises(oc.APIError, match=re.escape(words)) as exc:
             translate(body, m, kind)
         assert exc.value.status == 400
+
+
+def test_fields_ollama_ignores_are_accepted_and_named():
+    """Ollama's compatibility accepts logit_bias, n, user, tool_choice (and best_of, echo) and ignores them; so does
+    the lab, naming each one that asked for something other than the default."""
+    from labkit.ollama_lab.openai import IGNORED_HEADER, ignored_fields, ignored_headers
+    chat = {"messages": [], "logit_bias": {"1": 5}, "n": 2, "user": "u-1", "tool_choice": "required"}
+    assert ignored_fields(chat, "chat") == ["logit_bias", "n", "tool_choice", "user"]
+    assert ignored_fields({"n": 1, "tool_choice": "auto", "logit_bias": {}}, "chat") == []
+    assert ignored_fields({"prompt": "x", "echo": True, "best_of": 3}, "completion") == ["best_of", "echo"]
+    assert ignored_headers({"n": 1}, "chat") == {}
+    assert ignored_headers({"n": 3}, "completion") == {IGNORED_HEADER: "n"}
 
 
 def test_logprob_request_checks_like_ollama():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -63,24 +64,38 @@ def oai_messages(raw: Any) -> list[dict]:
     return out
 
 
-REFUSED = {   # documented OpenAI fields that Ollama lists as unsupported: refused, never silently ignored
-    "chat": {"logit_bias": "logit_bias", "n": "n (more than one choice)",
-             "tool_choice": "tool_choice other than \"auto\" or \"none\""},
-    "completion": {"logit_bias": "logit_bias", "n": "n (more than one choice)", "best_of": "best_of",
-                   "echo": "echo"},
+# Documented OpenAI fields that Ollama's compatibility layer lists as unsupported yet accepts, ignoring them (its
+# request types have no such field). A client that sends them must work here as it works against Ollama, so they
+# are accepted too; what was ignored is never silent: a response header names it and the server logs it.
+IGNORED = {
+    "chat": ("logit_bias", "n", "tool_choice", "user"),
+    "completion": ("best_of", "echo", "logit_bias", "n", "user"),
 }
+IGNORED_HEADER = "X-Labkit-Ignored-Fields"
 
 
-def refuse_unsupported(body: dict, kind: str) -> None:
-    """400 naming a documented-but-unsupported field that would change the answer."""
-    for key, label in REFUSED[kind].items():
+def ignored_fields(body: dict, kind: str) -> list[str]:
+    """The fields of ``body`` that Ollama would ignore and that ask for something other than the default
+    (``n``/``best_of`` above 1, ``tool_choice`` other than "auto"/"none" — "none" drops the tools, which is done)."""
+    out = []
+    for key in IGNORED[kind]:
         value = body.get(key)
-        if value in (None, {}, False) or (key in ("n", "best_of") and value == 1):
+        if value in (None, {}, False, "") or (key in ("n", "best_of") and value == 1):
             continue
         if key == "tool_choice" and value in ("auto", "none"):
             continue
-        raise APIError(400, f"{label} is not supported by Ollama's OpenAI compatibility (nor by labkit's "
-                            f"stand-in); remove \"{key}\" from the request")
+        out.append(key)
+    return out
+
+
+def ignored_headers(body: dict, kind: str) -> dict:
+    """The response header naming what this request asked for and did not get (empty when nothing), logged too."""
+    ignored = ignored_fields(body, kind)
+    if not ignored:
+        return {}
+    print(f"ollama_lab: ignored OpenAI field(s) {', '.join(ignored)} in a {kind} request, as Ollama does "
+          f"(header {IGNORED_HEADER})", file=sys.stderr, flush=True)
+    return {IGNORED_HEADER: ", ".join(ignored)}
 
 
 def reasoning_think(body: dict) -> Any:
@@ -128,7 +143,6 @@ def translate(body: dict, manifest: Manifest, kind: str) -> tuple[dict, str, Any
     """An OpenAI chat (``kind="chat"``) or completion request as a native one:
     (Ollama body, ``"chat"`` or ``"generate"``, messages or raw prompt)."""
     ob = oai_body(body)
-    refuse_unsupported(body, kind)
     if kind == "chat":
         payload = oai_messages(body.get("messages"))
         if manifest.system and not any(x["role"] == "system" for x in payload):
@@ -261,12 +275,13 @@ async def oai_generate(service: Service, request: Request, t0: int, kind: str):
     created = int(time.time())
     obj = "chat.completion" if kind == "chat" else "text_completion"
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    headers = ignored_headers(body, kind)
 
     if ob["stream"]:
         gen = generation(service, gkind, ob, manifest, t0, payload)
         first = await run_in_threadpool(lambda: next(gen, None))
         items = events(kind, cid, created, obj, manifest.name, include_usage, first, gen)
-        return cancellable_stream(sse(items), "text/event-stream", closes=(gen,))
+        return cancellable_stream(sse(items), "text/event-stream", closes=(gen,), headers=headers)
 
     done = await drain(request, generation(service, gkind, ob, manifest, t0, payload),
                        reduce=lambda events: events[-1])
@@ -281,7 +296,8 @@ async def oai_generate(service: Service, request: Request, t0: int, kind: str):
     if done.logprobs is not None:
         choice["logprobs"] = choice_logprobs(kind, done.logprobs)
     return JSONResponse({"id": cid, "object": obj, "created": created, "model": manifest.name,
-                         "system_fingerprint": "fp_labkit", "choices": [choice], "usage": usage(final)})
+                         "system_fingerprint": "fp_labkit", "choices": [choice], "usage": usage(final)},
+                        headers=headers)
 
 
 async def v1_chat(service: Service, request: Request, t0: int):
