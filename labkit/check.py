@@ -87,8 +87,8 @@ def _ngl(answer):
     if value >= plan.n_layers:
         return False, (f"the whole model does not fit: weights + KV cache ≈ {plan.gpu_bytes + plan.cpu_bytes:.3g} bytes > 24 GB. "
                        "Count how many per-layer slices (weights + that layer's KV) fit after the reserve and compute buffer.")
-    return False, ("layers = (VRAM − 1 GiB reserve − compute buffer) ÷ (one layer's weights + its KV cache); "
-                   "memory.gpu_layers(...).per_layer_bytes gives the slice.")
+    return False, ("-ngl moves the output layer first, then whole layers: 1 + (VRAM − 1 GiB reserve − compute buffer − "
+                   "output layer) ÷ (one layer's weights + its KV cache); memory.gpu_layers(...).per_layer_bytes gives the slice.")
 
 
 def _fits(answer):

@@ -11,7 +11,9 @@ Chapter 08 introduces this module. The files themselves live in ``deploy/`` at t
   (``kubernetes-validate``, offline) and :func:`review_k8s` adds rules no schema can express;
 - :func:`verify_systemd_unit` runs ``systemd-analyze verify``;
 - :func:`probe_timings` sizes a startup probe from a measured start-up time;
-- :func:`simulate_hpa` replays the HorizontalPodAutoscaler's documented algorithm.
+- :func:`simulate_hpa` replays the HorizontalPodAutoscaler's documented algorithm;
+- :func:`interconnect_bytes_per_token` predicts a split model's traffic, :func:`wire_per_token` measures it
+  on llama.cpp's RPC devices (through :class:`labkit.rpc.WireCounter`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -328,3 +331,27 @@ def interconnect_bytes_per_token(n_layers: int, hidden: int, *, tensor_parallel:
     return {"tensor_parallel_per_device": per_device_tp,
             "pipeline_total": (pipeline_stages - 1) * hidden_bytes,
             "hidden_state": hidden_bytes}
+
+
+def wire_per_token(server, wires, prompt: str, max_tokens: int = 32) -> list[dict]:
+    """Bytes that cross each RPC device's wire per generated token (chapter 08), one dict per wire.
+
+    Streams one greedy completion from ``server`` (a llama-server using the devices behind ``wires``,
+    :class:`labkit.rpc.WireCounter`) and reads the counters as each token arrives: what flowed between
+    the first and the last token, divided by the tokens in between, is the decode traffic alone (the
+    prompt was processed before the first token). ``decode tok/s`` is timed over the same tokens."""
+    marks, times = [], []
+    stream = server.openai().completions.create(model=server.model, prompt=prompt, max_tokens=max_tokens,
+                                                temperature=0.0, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            marks.append([w.counts() for w in wires])
+            times.append(time.perf_counter())
+    if len(marks) < 3:
+        raise RuntimeError(f"the stream produced {len(marks)} tokens; need at least 3 to measure per-token traffic "
+                           "(raise max_tokens, or use a prompt the model does not end at once)")
+    steps = len(marks) - 1
+    return [{"to device B/token": (marks[-1][i][0] - marks[0][i][0]) / steps,
+             "from device B/token": (marks[-1][i][1] - marks[0][i][1]) / steps, "tokens": len(marks),
+             "decode tok/s": steps / (times[-1] - times[0])}
+            for i in range(len(wires))]

@@ -326,10 +326,12 @@ class OffloadPlan:
     vram_bytes: float
     n_layers: int
     layers_on_gpu: int          # repeating layers that fit
-    ngl: int                    # the -ngl value: layers_on_gpu, +1 when the output layer fits too
-    per_layer_bytes: float      # one layer's weights + its KV cache
-    gpu_bytes: float            # what the plan puts on the GPU
-    cpu_bytes: float            # weights left in RAM (layers that do not fit, token embeddings)
+    ngl: int                    # the -ngl value: 0, or 1 (the output layer) + layers_on_gpu
+    per_layer_bytes: float      # one layer's weights + its KV cache (the mean, where layers differ)
+    gpu_bytes: float            # what the plan puts on the GPU: output layer, layers, their KV, compute buffer
+    cpu_bytes: float            # weights and KV cache left in RAM (layers that do not fit, token embeddings)
+    output_bytes: float = 0.0   # the output layer (the first thing -ngl moves)
+    compute_bytes: float = 0.0  # the GPU's compute buffer (:func:`device_compute_bytes`)
 
     @property
     def fully_offloaded(self) -> bool:
@@ -339,25 +341,78 @@ class OffloadPlan:
         return f"llama-server -m {gguf} -c {self.n_ctx} -ngl {self.ngl}"
 
 
-def gpu_layers(model, vram_bytes: float, quant: str = "Q4_K_M", n_ctx: int = 8192, kv_type: str = "f16",
-               reserve_bytes: float = FIT_TARGET_BYTES) -> OffloadPlan:
+def device_compute_bytes(cfg: ModelConfig, n_ctx: int, n_ubatch: int = 512) -> float:
+    """The compute buffer llama.cpp reserves on an accelerator that holds layers (chapter 01).
+
+    With flash attention (what ``auto`` picks on GPUs and the RPC device) the attention scores are never
+    stored whole. What is alive at the widest point of a layer, per token of one micro-batch: the FFN's
+    gate and up projections and a few residual-width vectors in f32, plus the f16 attention mask over the
+    context. An approximation (llama.cpp sizes the real buffer by reserving its worst-case graph) that
+    chapter 01 compares with the buffer the engine logs.
+    """
+    return n_ubatch * (4 * (2 * cfg.n_ff + 4 * cfg.n_embd) + 2 * padded_context(n_ctx))
+
+
+def offload_order(n_layers: int) -> list:
+    """The order in which ``-ngl`` moves parts to the GPU: the output layer first (``-ngl 1`` moves only
+    it), then the repeating layers from the last one down (llama.cpp ``llama-model.cpp``: layers at or
+    above ``n_layer + 1 - n_gpu_layers`` are offloaded, and the output layer is index ``n_layer``)."""
+    return ["output", *range(n_layers - 1, -1, -1)]
+
+
+def layer_weights(model, cfg: ModelConfig, weights: float) -> tuple[list[float], float]:
+    """(bytes of each repeating layer, bytes of the output layer).
+
+    For a GGUF file, its own tensor sizes (``blk.N.*`` per layer; ``output.weight`` and the final norm,
+    or the token embeddings again where the model ties them: llama.cpp then puts a copy on the GPU).
+    For a preset, ``weights`` split evenly over the layers after taking out the token-embedding and
+    output matrices (vocab × width each, at the same bits per weight: an approximation, since mixes
+    store them differently)."""
+    import re
+    from pathlib import Path
+    if not (isinstance(model, (str, Path)) and Path(str(model)).is_file()):
+        matrix = cfg.n_vocab * cfg.n_embd * weights / cfg.n_params
+        return [(weights - 2 * matrix) / cfg.n_layers] * cfg.n_layers, matrix
+    from .gguf import read_header
+    per_layer, output, embeddings = [0.0] * cfg.n_layers, 0.0, 0.0
+    has_output = False
+    for t in read_header(model).tensors:
+        block = re.match(r"blk\.(\d+)\.", t.name)
+        if block and int(block[1]) < cfg.n_layers:
+            per_layer[int(block[1])] += t.n_bytes
+        elif t.name == "token_embd.weight":
+            embeddings = t.n_bytes
+        elif not block:
+            output += t.n_bytes
+            has_output = has_output or t.name == "output.weight"
+    return per_layer, output + (0.0 if has_output else embeddings)
+
+
+def gpu_layers(model, vram_bytes: float, quant: str | None = None, n_ctx: int = 8192, kv_type: str = "f16",
+               reserve_bytes: float = FIT_TARGET_BYTES, n_ubatch: int = 512) -> OffloadPlan:
     """How many of ``model``'s layers fit on a GPU with ``vram_bytes`` at ``n_ctx`` (chapter 01).
 
-    llama.cpp keeps the token embeddings in RAM (a row lookup needs no GPU), puts each offloaded
-    layer's weights **and its KV cache** on the GPU, and counts the output layer as one more
-    "layer" (``-ngl`` = layers + 1 offloads everything). The GPU also holds a compute buffer (the
-    runtime overhead of :func:`estimate`) and llama.cpp leaves ``reserve_bytes`` free. Weights are
-    split evenly over the layers after taking the embedding and output matrices out (vocab ×
-    width each, at the same bits per weight: an approximation, since mixes store them differently).
+    ``model``: a preset name or a GGUF file (its real tensor sizes). llama.cpp keeps the token
+    embeddings in RAM (a row lookup needs no GPU) and offloads in :func:`offload_order`: the output
+    layer, then each repeating layer from the last, each with **its own KV cache**. The GPU also holds
+    a compute buffer (:func:`device_compute_bytes`) and llama.cpp leaves ``reserve_bytes`` free
+    (``--fit-target``). ``-ngl`` = layers + 1 offloads everything.
     """
     est = estimate(model, quant, n_ctx, kv_type)
     cfg = PRESETS[str(model)] if str(model) in PRESETS else (model if isinstance(model, ModelConfig) else config_from_gguf(model)[0])
-    matrix = cfg.n_vocab * cfg.n_embd * est.weights_bytes / cfg.n_params     # one vocab × width matrix
-    per_layer = (est.weights_bytes - 2 * matrix) / cfg.n_layers + est.kv_bytes / cfg.n_layers
-    budget = vram_bytes - reserve_bytes - est.overhead_bytes
-    fit = int(max(0.0, budget) // per_layer) if per_layer > 0 else 0
-    layers = min(cfg.n_layers, fit)
-    output_fits = layers == cfg.n_layers and budget - layers * per_layer >= matrix
-    on_gpu = layers * per_layer + (matrix if output_fits else 0) + (est.overhead_bytes if layers else 0)
-    return OffloadPlan(cfg.name, est.quant, n_ctx, vram_bytes, cfg.n_layers, layers, layers + int(output_fits),
-                       per_layer, on_gpu, est.weights_bytes + est.kv_bytes - layers * per_layer - (matrix if output_fits else 0))
+    per_layer, output = layer_weights(model, cfg, est.weights_bytes)
+    kv_per_layer = est.kv_bytes / cfg.n_layers
+    compute = device_compute_bytes(cfg, n_ctx, n_ubatch)
+    room = vram_bytes - reserve_bytes - compute
+    placed: list = []
+    for part in offload_order(cfg.n_layers):
+        need = output if part == "output" else per_layer[part] + kv_per_layer
+        if need > room:
+            break
+        room -= need
+        placed.append(part)
+    layers = [p for p in placed if p != "output"]
+    on_gpu = sum(per_layer[i] + kv_per_layer for i in layers) + (output if "output" in placed else 0.0)
+    mean_layer = sum(per_layer) / cfg.n_layers + kv_per_layer
+    return OffloadPlan(cfg.name, est.quant, n_ctx, vram_bytes, cfg.n_layers, len(layers), len(placed), mean_layer,
+                       on_gpu + (compute if placed else 0.0), est.weights_bytes + est.kv_bytes - on_gpu, output, compute)

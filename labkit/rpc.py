@@ -19,6 +19,8 @@ round trip per token, the shape of a PCIe-bound offload, not its size).
 * :func:`check_endpoints` — every endpoint answers, or a clear error before the engine starts (the
   engine aborts with a core dump on an unreachable one).
 * :func:`require_full_offload` — the "GPU only, fail fast" rule, from the engine's own account.
+* :class:`WireCounter` — a relay in front of a device that counts the bytes crossing the wire each way
+  (chapter 08: what a split model sends per token).
 
 Security: the RPC protocol has no authentication and deserialises what it is sent. Bind it to
 127.0.0.1 (labkit's default) or a network you trust, never to the internet.
@@ -26,8 +28,10 @@ Security: the RPC protocol has no authentication and deserialises what it is sen
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
+import threading
 
 from .env import accepts
 from .errors import DeviceUnreachableError, EngineNotInstalledError, GPURequiredError
@@ -119,3 +123,86 @@ def require_full_offload(acct: EngineAccount, model: str, rpc: str | None) -> No
         f"GPU only, fail fast: {what}. Make it fit — a smaller quantization, a shorter context (ctx_size), "
         "a quantized KV cache (cache_type_k/v q8_0), another device (rpc='a,b') — or pass gpu_only=False "
         "to accept a partial offload or the CPU.")
+
+
+class WireCounter:
+    """A loopback relay in front of the RPC device at ``target`` that counts the bytes crossing it (chapter 08).
+
+    Give the engine ``endpoint`` instead of the device's: everything the engine and the device say to
+    each other passes through, and ``to_device`` / ``from_device`` count the bytes so far (weights and
+    inputs sent, results read back). It runs in this process, so it stops with it; use it as a context
+    manager or call :meth:`close`. Both sides get TCP_NODELAY, as ggml-rpc sets on its own sockets:
+    without it, the protocol's small request/reply messages would wait on delayed acknowledgements.
+    """
+
+    def __init__(self, target: str, host: str = "127.0.0.1"):
+        check_endpoints(target)                 # the engine aborts on a dead device; say so before it starts
+        self.target = target
+        self.to_device = 0
+        self.from_device = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._closed = threading.Event()
+        self._listener = socket.create_server((host, 0))
+        self._listener.settimeout(0.2)          # a blocked accept() would keep the port open after close()
+        self.endpoint = f"{host}:{self._listener.getsockname()[1]}"
+        self._acceptor = threading.Thread(target=self._accept, name=f"wire {self.endpoint}", daemon=True)
+        self._acceptor.start()
+
+    def counts(self) -> tuple[int, int]:
+        """(bytes to the device, bytes from it) so far."""
+        with self._lock:
+            return self.to_device, self.from_device
+
+    def _accept(self) -> None:
+        host, _, port = self.target.rpartition(":")
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:                     # closed
+                return
+            client.settimeout(None)
+            try:
+                device = socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5)
+            except OSError:
+                client.close()                  # the engine then reports a failed connection itself
+                continue
+            device.settimeout(None)
+            for sock in (client, device):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._sockets += [client, device]
+            for src, dst, field in ((client, device, "to_device"), (device, client, "from_device")):
+                threading.Thread(target=self._pump, args=(src, dst, field), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, field: str) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+                with self._lock:
+                    setattr(self, field, getattr(self, field) + len(data))
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):             # one side gone: the conversation is over for both
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closed.set()
+        self._acceptor.join(timeout=2)          # the port is free once accept() stopped waiting on it
+        self._listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            sock.close()
+
+    def __enter__(self) -> "WireCounter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -122,6 +122,16 @@ def test_chapter_01_catches_a_q6_k_encoder_off_by_one_bit(tmp_path, monkeypatch)
 
 
 @pytest.mark.notebook
+def test_chapter_01_catches_an_offload_prediction_with_the_output_layer_last(tmp_path, monkeypatch):
+    mutation = (
+        "from labkit import memory\n"
+        "memory.offload_order = lambda n_layers: [*range(n_layers - 1, -1, -1), 'output']   # the old rule\n")
+    result = run_mutated("01", mutation, tmp_path, monkeypatch)
+    assert result.status == "failed", "chapter 01 passed with the output layer offloaded last"
+    assert '"-ngl predicted"' in result.error, result.error      # the prediction-vs-engine check of section 6c
+
+
+@pytest.mark.notebook
 def test_chapter_04_catches_a_kv_formula_twice_too_large(tmp_path, monkeypatch):
     result = run_mutated("04", KV_DOUBLED, tmp_path, monkeypatch)
     assert result.status == "failed", "chapter 04 passed with a KV-cache formula twice the right size"

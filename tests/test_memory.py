@@ -133,14 +133,37 @@ def test_gpu_layers_plan_by_hand():
     # F16 (2 bytes/param): matrix 2e5 bytes, each layer (1.2e6 - 2e5) * 2 / 10 = 2e5 bytes of weights.
     cfg = memory.ModelConfig("toy", 1.2e6, 10, 4, 1, 16, 100, 400, 1000, "by hand")
     est = memory.estimate(cfg, "F16", n_ctx=256)
+    compute = memory.device_compute_bytes(cfg, 256)
+    assert compute == 512 * (4 * (2 * 400 + 4 * 100) + 2 * 256)
     per_layer = 2e5 + est.kv_bytes / 10
-    room_for_4 = 4 * per_layer + est.overhead_bytes + 1
+    # llama.cpp offloads the output layer first, then layers from the last one: room for it and 4 layers -> -ngl 5
+    room_for_4 = 2e5 + 4 * per_layer + compute + 1
     plan = memory.gpu_layers(cfg, room_for_4, "F16", n_ctx=256, reserve_bytes=0)
-    assert (plan.layers_on_gpu, plan.ngl, plan.fully_offloaded) == (4, 4, False)
-    assert plan.per_layer_bytes == pytest.approx(per_layer)
+    assert (plan.layers_on_gpu, plan.ngl, plan.fully_offloaded) == (4, 5, False)
+    assert plan.per_layer_bytes == pytest.approx(per_layer) and plan.output_bytes == pytest.approx(2e5)
+    assert plan.gpu_bytes == pytest.approx(2e5 + 4 * per_layer + compute)
     everything = memory.gpu_layers(cfg, 1e12, "F16", n_ctx=256, reserve_bytes=0)
     assert (everything.ngl, everything.fully_offloaded, everything.cpu_bytes) == (11, True, pytest.approx(2e5))  # embeddings stay
-    assert memory.gpu_layers(cfg, est.overhead_bytes, "F16", n_ctx=256, reserve_bytes=0).ngl == 0
+    # room for the compute buffer and the output layer only: -ngl 1, no repeating layer
+    assert memory.gpu_layers(cfg, compute + 2e5 + 1, "F16", n_ctx=256, reserve_bytes=0).ngl == 1
+    assert memory.gpu_layers(cfg, compute + 1e5, "F16", n_ctx=256, reserve_bytes=0).ngl == 0
+
+
+def test_offload_order_is_llamas_output_first_then_from_the_back():
+    assert memory.offload_order(3) == ["output", 2, 1, 0]
+
+
+def test_layer_weights_of_a_real_file_are_its_tensors(smollm2_path):
+    from labkit.gguf import read_header
+    cfg = memory.config_from_gguf(smollm2_path)[0]
+    per_layer, output = memory.layer_weights(smollm2_path, cfg, 0.0)
+    tensors = {t.name: t.n_bytes for t in read_header(smollm2_path).tensors}
+    assert len(per_layer) == cfg.n_layers
+    assert per_layer[0] == sum(n for name, n in tensors.items() if name.startswith("blk.0."))
+    # SmolLM2 ties its output to the token embeddings: llama.cpp offloads a copy of them (plus the final norm)
+    assert "output.weight" not in tensors
+    assert output == tensors["token_embd.weight"] + tensors["output_norm.weight"]
+    assert sum(per_layer) + output == sum(tensors.values())
 
 
 def test_gpu_layers_conserves_bytes_and_grows_with_vram():
@@ -148,8 +171,8 @@ def test_gpu_layers_conserves_bytes_and_grows_with_vram():
     previous = -1
     for gb in (4, 8, 12, 16, 24):
         plan = memory.gpu_layers("Qwen2.5-14B", gb * 1e9, "Q4_K_M", n_ctx=8192)
-        assert plan.gpu_bytes + plan.cpu_bytes == pytest.approx(total.total_bytes if plan.layers_on_gpu
-                                                                 else total.weights_bytes + total.kv_bytes)
+        assert plan.gpu_bytes + plan.cpu_bytes == pytest.approx(total.weights_bytes + total.kv_bytes
+                                                                 + (plan.compute_bytes if plan.ngl else 0))
         assert plan.gpu_bytes <= gb * 1e9 - memory.FIT_TARGET_BYTES
         assert plan.ngl >= previous
         previous = plan.ngl

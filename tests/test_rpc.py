@@ -104,6 +104,81 @@ def test_fail_fast_names_what_did_not_fit():
 needs_rpc = pytest.mark.skipif(not rpc.built(), reason="llama.cpp's ggml-rpc-server is not built: make setup")
 
 
+def _echo_device():
+    """A stand-in device: a TCP server that answers every message with twice its bytes."""
+    import socket
+    import threading
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(1 << 16):
+                    conn.sendall(data * 2)
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_wire_counter_relays_and_counts_both_ways():
+    import socket
+    listener, endpoint = _echo_device()
+    try:
+        with rpc.WireCounter(endpoint) as wire:
+            assert wire.endpoint != endpoint and wire.counts() == (0, 0)
+            host, _, port = wire.endpoint.rpartition(":")
+            with socket.create_connection((host, int(port))) as client:
+                client.sendall(b"x" * 1000)
+                got = b""
+                while len(got) < 2000:
+                    got += client.recv(4096)
+            deadline = time.time() + 2
+            while wire.counts() != (1000, 2000) and time.time() < deadline:
+                time.sleep(0.01)
+            assert got == b"x" * 2000 and wire.counts() == (1000, 2000)
+        assert not rpc.reachable(wire.endpoint)          # closed: nothing listens any more
+    finally:
+        listener.close()
+
+
+def test_wire_counter_refuses_a_dead_device():
+    with pytest.raises(DeviceUnreachableError):
+        rpc.WireCounter(f"127.0.0.1:{free_port()}")
+
+
+def test_wire_per_token_counts_decode_only():
+    from types import SimpleNamespace
+
+    from labkit import deploy
+
+    class Wire:                                          # counters that move as the fake engine streams
+        def __init__(self):
+            self.to, self.back = 10_000, 50_000           # the prompt's traffic, before the first token
+
+        def counts(self):
+            return self.to, self.back
+
+    wires = [Wire(), Wire()]
+
+    def stream(**_):
+        for i in range(5):
+            if i:                                        # each token after the first: 100 B out, 4000 B back per device
+                for w in wires:
+                    w.to, w.back = w.to + 100, w.back + 4000
+            yield SimpleNamespace(choices=[SimpleNamespace(text="tok")])
+        yield SimpleNamespace(choices=[])                # a usage-only chunk counts for nothing
+
+    server = SimpleNamespace(model="m", openai=lambda: SimpleNamespace(completions=SimpleNamespace(create=stream)))
+    rows = deploy.wire_per_token(server, wires, "prompt", max_tokens=5)
+    assert [(r["to device B/token"], r["from device B/token"], r["tokens"]) for r in rows] == [(100, 4000, 5)] * 2
+    with pytest.raises(RuntimeError, match="at least 3"):
+        deploy.wire_per_token(SimpleNamespace(model="m", openai=lambda: SimpleNamespace(completions=SimpleNamespace(
+            create=lambda **_: iter([SimpleNamespace(choices=[SimpleNamespace(text="a")])])))), wires, "p")
+
+
 @pytest.fixture(scope="module")
 def device():
     with labkit.serve("rpc") as dev:
@@ -143,6 +218,10 @@ def test_a_capped_device_gets_a_partial_offload_and_gpu_only_refuses_it(device):
         a = offload.account(srv.log_path.read_text())
     assert a.on_device and 0 < a.offloaded < a.total, a
     assert sum(a.device_mib().values()) <= 100 * 1.1, a      # the fit honoured the cap (test allocations aside)
+    # a device smaller than the output layer and the compute buffer (28.7 + 13 MiB for SmolLM2): nothing goes there
+    with pytest.raises(GPURequiredError, match="no layer of smollm2"):
+        labkit.serve("llama-server", "smollm2", ctx_size=512, **rpc.capped(device.endpoint, 8))
+    assert set(servers.running()) == before
 
 
 @pytest.mark.engine
