@@ -15,176 +15,27 @@ Targets:
 And the physics: :func:`memory_bandwidth` (a STREAM-like triad) and :func:`decode_bound`
 (tokens/s ≤ bandwidth ÷ bytes read per token).
 
->>> summarize([1.0, 2.0, 3.0, 4.0, 100.0])["p50"]
-3.0
->>> round(percentile([1, 2, 3, 4], 75), 2)
-3.25
+The stream primitives (:func:`~labkit.streams.timed_stream`, :class:`~labkit.streams.RequestTiming`,
+:func:`~labkit.streams.percentile`...) live in :mod:`labkit.streams`, below the engines, and the
+in-process llama.cpp timers (:func:`~labkit.llamacpp_lab.time_llama`, :func:`~labkit.llamacpp_lab.run_llama`)
+in :mod:`labkit.llamacpp_lab`; this module re-exports both, as chapter 06 uses them.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import platform
-import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-DEFAULT_PROMPT = "Once upon a time, in a lighthouse at the edge of a cold northern sea, there lived"
-
-
-# ----------------------------------------------------------------------------- statistics
-def percentile(values, q: float) -> float:
-    """The q-th percentile with linear interpolation (numpy's default)."""
-    if len(values) == 0:
-        raise ValueError("percentile of an empty list")
-    return float(np.percentile(np.asarray(values, dtype=float), q))
-
-
-def summarize(values) -> dict:
-    """n, mean, stdev, p50, p95, p99, min, max of a list of numbers."""
-    v = [float(x) for x in values]
-    if not v:
-        raise ValueError("nothing to summarize")
-    return {"n": len(v), "mean": statistics.fmean(v), "stdev": statistics.stdev(v) if len(v) > 1 else 0.0,
-            "p50": percentile(v, 50), "p95": percentile(v, 95), "p99": percentile(v, 99), "min": min(v), "max": max(v)}
-
-
-# ----------------------------------------------------------------------------- one request
-@dataclass
-class RequestTiming:
-    """Client-side timing of one streamed request (seconds, from the moment it was sent)."""
-
-    ttft: float
-    e2e: float
-    prompt_tokens: int
-    output_tokens: int
-    token_times: list[float] = field(default_factory=list, repr=False)   # arrival of each content chunk
-    engine: dict = field(default_factory=dict)                           # the engine's own accounting
-
-    @property
-    def decode_tps(self) -> float:
-        """Tokens after the first ÷ time after the first (the first token belongs to prefill)."""
-        span = self.e2e - self.ttft
-        return (self.output_tokens - 1) / span if self.output_tokens > 1 and span > 0 else float("nan")
-
-    @property
-    def itl(self) -> list[float]:
-        t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
-
-
-# ----------------------------------------------------------------------------- streams (chapter 03 introduces them)
-def sse_payloads(lines: Iterable[str]):
-    """The payloads of a server-sent-event stream's ``data:`` lines, ``[DONE]`` included — what an
-    OpenAI-compatible server streams; comments (``: keep-alive``) and blank lines are skipped.
-
-    >>> list(sse_payloads(['data: {"a": 1}', '', ': keep-alive', 'data: [DONE]']))
-    ['{"a": 1}', '[DONE]']
-    """
-    for line in lines:
-        if line.startswith("data:"):
-            yield line[5:].strip()
-
-
-def piece_of(chunk: Any) -> str | None:
-    """The text a streamed chunk carries, for llama-cpp-python dicts and OpenAI SDK objects,
-    chat (``delta.content``) or completion (``text``); None for role/finish/usage-only chunks."""
-    if isinstance(chunk, dict):
-        choices = chunk.get("choices") or []
-        if not choices:
-            return None
-        c = choices[0]
-        if "delta" in c:
-            return (c.get("delta") or {}).get("content") or None
-        return c.get("text") or None
-    choices = getattr(chunk, "choices", None) or []
-    if not choices:
-        return None
-    c = choices[0]
-    delta = getattr(c, "delta", None)
-    if delta is not None:
-        return getattr(delta, "content", None) or None
-    return getattr(c, "text", None) or None
-
-
-def timed_stream(stream: Iterable[Any], t0: float | None = None, *, echo: Callable[[str], None] | None = None,
-                 now: Callable[[], float] = time.perf_counter) -> tuple[str, RequestTiming]:
-    """Consume a stream; return (text, :class:`~labkit.bench.RequestTiming`).
-
-    ``t0`` is when the request was sent (default: now — call this right after creating the
-    stream, which for llama-cpp-python does no work until iterated). Each content chunk counts
-    as one token: both llama-cpp-python and its server emit one chunk per generated token
-    (multi-byte characters can merge two). Tokens/s is decode only: tokens after the first ÷
-    time after the first.
-    """
-    t0 = now() if t0 is None else t0
-    pieces, times = [], []
-    for chunk in stream:
-        p = piece_of(chunk)
-        if p:
-            times.append(now() - t0)
-            pieces.append(p)
-            if echo:
-                echo(p)
-    if not times:
-        raise RuntimeError("the stream produced no text (check max_tokens, stop strings, or the server log)")
-    e2e = now() - t0
-    return "".join(pieces), RequestTiming(times[0], e2e, -1, len(times), times)
-
-
-# ----------------------------------------------------------------------------- structured output
-
-
-# ----------------------------------------------------------------------------- llama.cpp in-process
-def llama_perf(llm) -> dict:
-    """llama.cpp's own counters since the last reset: prefill/decode tokens and milliseconds
-    (``labkit.llamacpp_lab.perf`` in chapter 03)."""
-    import llama_cpp
-    d = llama_cpp.llama_perf_context(llm.ctx)
-    return {"prompt_tokens": int(d.n_p_eval), "prompt_ms": float(d.t_p_eval_ms),
-            "decode_tokens": int(d.n_eval), "decode_ms": float(d.t_eval_ms)}
-
-
-def _end_tokens(llm) -> list[int]:
-    """Token ids that would end generation early (EOS and the chat template's end-of-turn)."""
-    ids = {llm.token_eos()}
-    for text in (b"<|im_end|>", b"<|endoftext|>", b"<|eot_id|>", b"</s>"):
-        toks = llm.tokenize(text, add_bos=False, special=True)
-        if len(toks) == 1:
-            ids.add(toks[0])
-    return sorted(i for i in ids if i >= 0)
-
-
-def time_llama(llm, prompt: str = None, max_tokens: int = 64) -> RequestTiming:
-    """One streamed completion from an in-process ``Llama``, timed by the harness and by llama.cpp.
-
-    End-of-text tokens are banned (the equivalent of vLLM's ``ignore_eos``) so every run
-    generates exactly ``max_tokens`` tokens and runs are comparable.
-    """
-    import llama_cpp
-    llm.reset()                                    # no KV reuse between runs: every run does full prefill
-    llama_cpp.llama_perf_context_reset(llm.ctx)
-    t0 = time.perf_counter()
-    stream = llm.create_completion(prompt or DEFAULT_PROMPT, max_tokens=max_tokens, temperature=0.0, stream=True,
-                                   logit_bias={i: -1e9 for i in _end_tokens(llm)})
-    _, timing = timed_stream(stream, t0)
-    perf = llama_perf(llm)
-    # llama.cpp evaluates every generated token except the last one (nothing follows it)
-    n_out = perf["decode_tokens"] + 1
-    return RequestTiming(timing.ttft, timing.e2e, perf["prompt_tokens"], n_out, timing.token_times, perf)
-
-
-def run_llama(llm, prompt: str | None = None, max_tokens: int = 64, runs: int = 5, warmup: int = 1) -> list[RequestTiming]:
-    for _ in range(warmup):
-        time_llama(llm, prompt, max_tokens)
-    return [time_llama(llm, prompt, max_tokens) for _ in range(runs)]
+from .llamacpp_lab import DEFAULT_PROMPT, run_llama, time_llama  # noqa: F401  (bench.run_llama: chapters 06, 07)
+from .llamacpp_lab import perf as llama_perf  # noqa: F401  (bench.llama_perf: chapter 06)
+from .streams import RequestTiming, percentile, piece_of, sse_payloads, summarize, timed_stream  # noqa: F401  (re-exported)
 
 
 # ----------------------------------------------------------------------------- Ollama's native API

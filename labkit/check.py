@@ -295,7 +295,7 @@ STREAM_TIMING_CASES = [([0.80, 0.85, 0.90, 0.95, 1.00], 5), ([0.5, 0.9, 1.3], 9)
 
 def _stream_timing(answer):
     """``answer``: a function (arrivals, output_tokens) -> (ttft_s, decode_tokens_per_s)."""
-    from .bench import RequestTiming
+    from .streams import RequestTiming
     if not callable(answer):
         return False, "pass the function itself (stream_timing), not its result."
     for arrivals, tokens in STREAM_TIMING_CASES:

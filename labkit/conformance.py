@@ -131,7 +131,7 @@ def _send(client, url: str, probe: Probe, model: str):
     if not probe.stream:
         r = client.post(url, json=body)
         return r.status_code, (r.json() if r.status_code == 200 else r.text)
-    from .bench import sse_payloads
+    from .streams import sse_payloads
     with client.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             r.read()

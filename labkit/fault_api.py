@@ -428,7 +428,7 @@ def _canned(model: str, body: dict, stream: bool):
 def _forward(api: FaultAPI, body: dict, stream: bool):
     import httpx
 
-    from .bench import sse_payloads
+    from .streams import sse_payloads
     url = api.upstream_url + "/v1/chat/completions"
     body = {**body, "model": api.upstream_model or body.get("model")}
     if not stream:

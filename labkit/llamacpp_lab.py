@@ -16,13 +16,15 @@ Each helper does one thing the chapter would otherwise repeat, with the edge cas
   chat models (messages) and base models (a plain-text prompt: they continue text).
 * :func:`sampling_table` / :func:`greedy_runs` — fixed-seed comparisons and greedy determinism.
 * :func:`timed_stream` — a streaming timer (TTFT, inter-token latency, tokens/s) for chunks from
-  llama-cpp-python *or* the OpenAI SDK; it returns :class:`labkit.bench.RequestTiming`, the type
-  chapter 06's benchmark harness uses.
+  llama-cpp-python *or* the OpenAI SDK, from :mod:`labkit.streams`; it returns its
+  :class:`~labkit.streams.RequestTiming`, the type chapter 06's benchmark harness uses.
+* :func:`perf` / :func:`time_llama` / :func:`run_llama` — llama.cpp's own counters, and timed in-process
+  completions (chapter 06's harness re-exports them as ``bench.llama_perf``, ``bench.run_llama``).
 * :func:`schema_grammar` / :func:`validate_json` — JSON schema → GBNF, and structural validation.
 * :func:`embed` / :func:`retrieval_scores` — sentence vectors with an explicit pooling type, and
   recall@1 / MRR on a small labelled set (``data/llamacpp/retrieval.json``).
-* :func:`kv_logits_drift` — how much a quantized KV cache changes the model's next-token
-  distributions (KL divergence, top-1 agreement) against f16.
+* :func:`all_logits` — the logits at every position (what :func:`labkit.quality.kv_logits_drift`
+  compares, for a quantized KV cache against f16).
 * :func:`prefix_reuse` — save the state after a long shared prefix, restore it per question,
   and count the prompt tokens llama.cpp actually evaluated.
 * :func:`compare_lookup_decoding` — tokens/s with and without ``LlamaPromptLookupDecoding``
@@ -31,8 +33,6 @@ Each helper does one thing the chapter would otherwise repeat, with the edge cas
 * :func:`llama_server_command` — the equivalent stand-alone ``llama-server`` command line.
 * :func:`offloaded_layers` — "offloaded N/M layers to GPU" read from llama.cpp's load information.
 
->>> float(round(kl_from_logits([[0.0, 0.0]], [[0.0, 0.0]])[0], 6))
-0.0
 >>> stream_interleaving([("a", 0.1), ("a", 0.2), ("b", 0.3), ("b", 0.4)])
 1
 """
@@ -52,10 +52,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import offload
-from .bench import RequestTiming, piece_of, timed_stream  # noqa: F401  (lc.piece_of / lc.timed_stream: chapter 03)
-from .bench import llama_perf as perf
 from .env import DATA_DIR, is_loopback
 from .models import as_request  # noqa: F401  (lc.as_request: chapters 03 and 04)
+from .streams import RequestTiming, piece_of, timed_stream  # noqa: F401  (lc.piece_of / lc.timed_stream: chapter 03)
+
+DEFAULT_PROMPT = "Once upon a time, in a lighthouse at the edge of a cold northern sea, there lived"
 
 RETRIEVAL_SET = DATA_DIR / "llamacpp" / "retrieval.json"
 
@@ -98,6 +99,51 @@ def load(model_path, **params):
     return llm, LoadCost(seconds, proc.memory_info().rss - before, shown)
 
 
+# ----------------------------------------------------------------------------- timing in-process (chapter 06's harness uses these)
+def perf(llm) -> dict:
+    """llama.cpp's own counters since the last reset: prefill/decode tokens and milliseconds
+    (chapter 03; ``labkit.bench.llama_perf`` in chapter 06)."""
+    import llama_cpp
+    d = llama_cpp.llama_perf_context(llm.ctx)
+    return {"prompt_tokens": int(d.n_p_eval), "prompt_ms": float(d.t_p_eval_ms),
+            "decode_tokens": int(d.n_eval), "decode_ms": float(d.t_eval_ms)}
+
+
+def _end_tokens(llm) -> list[int]:
+    """Token ids that would end generation early (EOS and the chat template's end-of-turn)."""
+    ids = {llm.token_eos()}
+    for text in (b"<|im_end|>", b"<|endoftext|>", b"<|eot_id|>", b"</s>"):
+        toks = llm.tokenize(text, add_bos=False, special=True)
+        if len(toks) == 1:
+            ids.add(toks[0])
+    return sorted(i for i in ids if i >= 0)
+
+
+def time_llama(llm, prompt: str = None, max_tokens: int = 64) -> RequestTiming:
+    """One streamed completion from an in-process ``Llama``, timed by the harness and by llama.cpp.
+
+    End-of-text tokens are banned (the equivalent of vLLM's ``ignore_eos``) so every run
+    generates exactly ``max_tokens`` tokens and runs are comparable.
+    """
+    import llama_cpp
+    llm.reset()                                    # no KV reuse between runs: every run does full prefill
+    llama_cpp.llama_perf_context_reset(llm.ctx)
+    t0 = time.perf_counter()
+    stream = llm.create_completion(prompt or DEFAULT_PROMPT, max_tokens=max_tokens, temperature=0.0, stream=True,
+                                   logit_bias={i: -1e9 for i in _end_tokens(llm)})
+    _, timing = timed_stream(stream, t0)
+    counters = perf(llm)
+    # llama.cpp evaluates every generated token except the last one (nothing follows it)
+    n_out = counters["decode_tokens"] + 1
+    return RequestTiming(timing.ttft, timing.e2e, counters["prompt_tokens"], n_out, timing.token_times, counters)
+
+
+def run_llama(llm, prompt: str | None = None, max_tokens: int = 64, runs: int = 5, warmup: int = 1) -> list[RequestTiming]:
+    for _ in range(warmup):
+        time_llama(llm, prompt, max_tokens)
+    return [time_llama(llm, prompt, max_tokens) for _ in range(runs)]
+
+
 # ----------------------------------------------------------------------------- threads
 SWEEP_PROMPT = ("The lighthouse keeper kept a careful log. Every evening he wrote the wind, the sea, "
                 "the ships that passed and the hour the lamp was lit. ") * 2
@@ -105,7 +151,6 @@ SWEEP_PROMPT = ("The lighthouse keeper kept a careful log. Every evening he wrot
 
 def speed(llm, prompt: str = SWEEP_PROMPT, max_tokens: int = 32, repeats: int = 3) -> dict:
     """Median prefill and decode tokens/s of ``llm`` (llama.cpp's counters), after one warm-up."""
-    from .bench import time_llama
     time_llama(llm, prompt, max_tokens=4)          # warm-up: first touches of the weights
     runs = [time_llama(llm, prompt, max_tokens=max_tokens) for _ in range(max(1, repeats))]
     pre = [r.engine["prompt_tokens"] / r.engine["prompt_ms"] * 1000 for r in runs if r.engine["prompt_ms"] > 0]
@@ -397,12 +442,6 @@ def retrieval_scores(query_vecs, passage_vecs, passage_ids: Sequence[str], relev
 
 
 # ----------------------------------------------------------------------------- KV cache
-def kl_from_logits(ref_logits, logits) -> np.ndarray:
-    """KL(ref ‖ other) per row, from two logit matrices of the same shape."""
-    from .quality import kl_divergence
-    return np.asarray(kl_divergence(np.asarray(ref_logits, dtype=np.float64), np.asarray(logits, dtype=np.float64)))
-
-
 def all_logits(model_path, tokens: Sequence[int], **params) -> np.ndarray:
     """The logits at every position of ``tokens`` (one forward pass, ``logits_all=True``)."""
     from llama_cpp import Llama
@@ -413,18 +452,6 @@ def all_logits(model_path, tokens: Sequence[int], **params) -> np.ndarray:
         return np.array(llm.scores[: len(tokens)], dtype=np.float32)
     finally:
         llm.close()
-
-
-def kv_logits_drift(model_path, tokens: Sequence[int], cache_type: str = "q8_0", **params) -> dict:
-    """Mean/max KL divergence and top-1 agreement of next-token distributions: KV cache in
-    ``cache_type`` (with flash attention, which a quantized V cache needs) against f16."""
-    import llama_cpp
-    ggml = getattr(llama_cpp, f"GGML_TYPE_{cache_type.upper()}")
-    ref = all_logits(model_path, tokens, flash_attn=True, **params)
-    other = all_logits(model_path, tokens, flash_attn=True, type_k=ggml, type_v=ggml, **params)
-    kl = kl_from_logits(ref, other)
-    return {"cache": cache_type, "mean KL": float(kl.mean()), "max KL": float(kl.max()),
-            "top-1 agreement": float(np.mean(ref.argmax(-1) == other.argmax(-1))), "positions": len(tokens)}
 
 
 # ----------------------------------------------------------------------------- state save/restore

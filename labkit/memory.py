@@ -313,6 +313,57 @@ print(json.dumps({{"rss_delta": p.memory_info().rss - before}}))
 # ---------------------------------------------------------------------------------------------
 # Chapter 01 (scale up): how many layers of a real model fit on a GPU (-ngl / n_gpu_layers).
 
+# ------------------------------------------------------------------ out of memory, refused early (chapter 07; labkit.serve checks it)
+@dataclass
+class FitReport:
+    """:func:`labkit.memory.estimate` set against the memory that is free."""
+
+    estimate: "object"          # labkit.memory.Estimate
+    available_bytes: float
+
+    weights_bytes = property(lambda self: self.estimate.weights_bytes)
+    kv_bytes = property(lambda self: self.estimate.kv_bytes)
+    overhead_bytes = property(lambda self: self.estimate.overhead_bytes)
+    total_bytes = property(lambda self: self.estimate.total_bytes)
+    n_ctx = property(lambda self: self.estimate.n_ctx)
+    kv_type = property(lambda self: self.estimate.kv_type)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.available_bytes
+
+
+def fit_report(model=None, n_ctx: int = 2048, kv_type: str = "f16", n_seq: int = 1,
+               available_bytes: float | None = None, headroom: float = 0.8) -> FitReport:
+    """Memory a GGUF needs at this context (chapter 01's estimator) against free RAM × headroom."""
+    from . import models
+    path = models.get(model)
+    if available_bytes is None:
+        import psutil
+        available_bytes = headroom * psutil.virtual_memory().available
+    return FitReport(estimate(path, n_ctx=n_ctx, kv_type=kv_type, n_seq=n_seq), float(available_bytes))
+
+
+def check_fits(model=None, n_ctx: int = 2048, kv_type: str = "f16", n_seq: int = 1,
+               available_bytes: float | None = None) -> FitReport:
+    """Raise :class:`InsufficientMemoryError`, naming the numbers and the fixes, unless it fits."""
+    from .errors import InsufficientMemoryError
+    r = fit_report(model, n_ctx, kv_type, n_seq, available_bytes)
+    if not r.fits:
+        gib = 2**30
+        room_for_kv = r.available_bytes - r.weights_bytes - r.overhead_bytes
+        shorter = int(n_ctx * room_for_kv / r.kv_bytes) // 256 * 256 if room_for_kv > 0 else 0
+        context_fix = (f"a shorter context (n_ctx ≈ {shorter} would fit)" if shorter >= 256 else
+                       "a shorter context will not be enough: the weights alone do not fit")
+        raise InsufficientMemoryError(
+            f"Refusing to load: this needs ~{r.total_bytes / gib:.2f} GiB (weights {r.weights_bytes / gib:.2f} + "
+            f"KV cache {r.kv_bytes / gib:.2f} at n_ctx={n_ctx}, {kv_type} + overhead {r.overhead_bytes / gib:.2f}) "
+            f"but only {r.available_bytes / gib:.2f} GiB are available. Fixes: {context_fix}, "
+            "a quantized KV cache (type_k/type_v q8_0 halves it; needs flash attention), "
+            "a smaller quant of the weights, or — on a GPU — fewer layers offloaded (n_gpu_layers).")
+    return r
+
+
 FIT_TARGET_BYTES = 1024 * 2**20   # llama.cpp's --fit-target default: 1024 MiB left free per device (llama-server --help)
 
 

@@ -24,6 +24,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from .llamacpp_lab import all_logits
+
 LogitsFn = Callable[[Sequence[int]], np.ndarray]   # tokens → (len(tokens), vocab) logits
 
 
@@ -258,3 +260,16 @@ def _last_logits(llm) -> np.ndarray:
     import llama_cpp
     ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
+# ----------------------------------------------------------------------------- KV cache quantization (chapter 03)
+def kv_logits_drift(model_path, tokens: Sequence[int], cache_type: str = "q8_0", **params) -> dict:
+    """Mean/max KL divergence and top-1 agreement of next-token distributions: KV cache in
+    ``cache_type`` (with flash attention, which a quantized V cache needs) against f16 (chapter 03)."""
+    import llama_cpp
+    ggml = getattr(llama_cpp, f"GGML_TYPE_{cache_type.upper()}")
+    ref = all_logits(model_path, tokens, flash_attn=True, **params)
+    other = all_logits(model_path, tokens, flash_attn=True, type_k=ggml, type_v=ggml, **params)
+    kl = kl_divergence(ref.astype(np.float64), other.astype(np.float64))
+    return {"cache": cache_type, "mean KL": float(kl.mean()), "max KL": float(kl.max()),
+            "top-1 agreement": float(np.mean(ref.argmax(-1) == other.argmax(-1))), "positions": len(tokens)}

@@ -403,7 +403,7 @@ class Router:
 
     def summary(self) -> dict:
         """Success rate, p50/p95 latency (s) and the share of requests each backend served."""
-        from .bench import percentile
+        from .streams import percentile
         with self._lock:
             records = list(self.records)
         if not records:
@@ -573,7 +573,7 @@ class _OpenStream:
 
     @classmethod
     def open(cls, backend: Backend, response) -> "_OpenStream":
-        from .bench import sse_payloads
+        from .streams import sse_payloads
         stream = cls(backend, response, sse_payloads(response.iter_lines()), [])
         try:
             while not stream.pending and not stream.done:

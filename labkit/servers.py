@@ -422,7 +422,7 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
         if ":" not in name:
             name += ":latest"
     if engine in ("llama.cpp", "llama-server") and model_path.is_file() and str(options.get("n_ctx", 2048)).isdigit():
-        from .troubleshoot import check_fits
+        from .memory import check_fits
         check_fits(model_path, n_ctx=int(options.get("n_ctx", options.get("ctx_size", 2048))))   # refuse before loading, with the fixes
     if port is not None and not port_is_free(port, host):
         raise PortInUseError(

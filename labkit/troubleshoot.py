@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GPURequiredError, LabkitError, UnsupportedModelError
+from .memory import FitReport, check_fits, fit_report  # noqa: F401  (chapter 07 teaches them as troubleshoot.*)
 from .offload import EngineAccount, account
 
 
@@ -53,57 +54,6 @@ def require_gpu(min_free_gib: float = 0.0) -> None:
     if free < min_free_gib:
         raise GPURequiredError(f"{best.name} has {free:.1f} GiB free; {min_free_gib:.1f} GiB are required. "
                                "Stop other GPU processes (nvidia-smi lists them) or choose a smaller model/quant.")
-
-
-# ----------------------------------------------------------------------------- out of memory, refused early
-@dataclass
-class FitReport:
-    """:func:`labkit.memory.estimate` set against the memory that is free."""
-
-    estimate: "object"          # labkit.memory.Estimate
-    available_bytes: float
-
-    weights_bytes = property(lambda self: self.estimate.weights_bytes)
-    kv_bytes = property(lambda self: self.estimate.kv_bytes)
-    overhead_bytes = property(lambda self: self.estimate.overhead_bytes)
-    total_bytes = property(lambda self: self.estimate.total_bytes)
-    n_ctx = property(lambda self: self.estimate.n_ctx)
-    kv_type = property(lambda self: self.estimate.kv_type)
-
-    @property
-    def fits(self) -> bool:
-        return self.total_bytes <= self.available_bytes
-
-
-def fit_report(model=None, n_ctx: int = 2048, kv_type: str = "f16", n_seq: int = 1,
-               available_bytes: float | None = None, headroom: float = 0.8) -> FitReport:
-    """Memory a GGUF needs at this context (chapter 01's estimator) against free RAM × headroom."""
-    from . import memory, models
-    path = models.get(model)
-    if available_bytes is None:
-        import psutil
-        available_bytes = headroom * psutil.virtual_memory().available
-    return FitReport(memory.estimate(path, n_ctx=n_ctx, kv_type=kv_type, n_seq=n_seq), float(available_bytes))
-
-
-def check_fits(model=None, n_ctx: int = 2048, kv_type: str = "f16", n_seq: int = 1,
-               available_bytes: float | None = None) -> FitReport:
-    """Raise :class:`InsufficientMemoryError`, naming the numbers and the fixes, unless it fits."""
-    from .errors import InsufficientMemoryError
-    r = fit_report(model, n_ctx, kv_type, n_seq, available_bytes)
-    if not r.fits:
-        gib = 2**30
-        room_for_kv = r.available_bytes - r.weights_bytes - r.overhead_bytes
-        shorter = int(n_ctx * room_for_kv / r.kv_bytes) // 256 * 256 if room_for_kv > 0 else 0
-        context_fix = (f"a shorter context (n_ctx ≈ {shorter} would fit)" if shorter >= 256 else
-                       "a shorter context will not be enough: the weights alone do not fit")
-        raise InsufficientMemoryError(
-            f"Refusing to load: this needs ~{r.total_bytes / gib:.2f} GiB (weights {r.weights_bytes / gib:.2f} + "
-            f"KV cache {r.kv_bytes / gib:.2f} at n_ctx={n_ctx}, {kv_type} + overhead {r.overhead_bytes / gib:.2f}) "
-            f"but only {r.available_bytes / gib:.2f} GiB are available. Fixes: {context_fix}, "
-            "a quantized KV cache (type_k/type_v q8_0 halves it; needs flash attention), "
-            "a smaller quant of the weights, or — on a GPU — fewer layers offloaded (n_gpu_layers).")
-    return r
 
 
 # ----------------------------------------------------------------------------- loading a GGUF safely
@@ -209,7 +159,7 @@ def overlapping_streams(client, model: str, max_tokens: int = 64, delay_s: float
     import threading
     import time
 
-    from .bench import piece_of
+    from .streams import piece_of
     out = {"first_tokens": 0, "first_finish": None, "first_error": None, "second_tokens": 0}
 
     def first():

@@ -153,7 +153,7 @@ def chat_box(engine, *, model: str | None = None, system: str | None = None, max
     """
     import ipywidgets as w
 
-    from .bench import timed_stream
+    from .streams import timed_stream
 
     is_llama = hasattr(engine, "create_chat_completion")
     if not is_llama and not model:

@@ -1,5 +1,6 @@
-"""labkit's layering: no import cycles (imports inside functions count), and a bottom layer that
-imports nothing of labkit."""
+"""labkit's layering: no import cycles (imports inside functions count), and no import that goes up a
+layer — the README's table of layers ("How it is built") lives here as LAYERS, and a module missing
+from it fails the suite, so a new module is placed on purpose."""
 import ast
 from pathlib import Path
 
@@ -7,6 +8,18 @@ import labkit
 
 PACKAGE = Path(labkit.__file__).parent
 BOTTOM = {"env", "errors"}          # environment facts and exceptions: everything may import them
+
+# The README's layers, bottom to top. A module may import its own layer and the ones below.
+LAYERS = {
+    1: {"env", "errors"},
+    2: {"quant", "gguf", "models", "memory", "hardware", "repack", "modelfile", "offload", "streams"},
+    3: {"llamacpp_lab", "vllm_lab", "ollama_lab", "llama_tools", "servers", "cancellable", "rpc", "_supervisor"},
+    4: {"quality", "conformance", "bench", "rag", "japanese", "paging", "troubleshoot", "proxy", "monitoring", "deploy",
+        "router", "fault_api", "toolcall", "mcp_server", "finetune", "check", "colab"},
+    # on top; with them the old names kept for one release (labkit.eval, labkit.llamacpp, labkit.ollama_compat),
+    # which alias modules of lower layers
+    5: {"cli", "doctor", "runner", "notebook", "widgets", "eval", "llamacpp", "ollama_compat"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -81,3 +94,27 @@ def test_bottom_layer_imports_nothing_above_it():
     edges = graph()
     for name in BOTTOM:
         assert edges[name] <= BOTTOM - {name} if name == "env" else not edges[name], (name, edges[name])
+
+
+def layer_of(module: str) -> int | None:
+    top = module.split(".")[0]            # a subpackage's modules share its layer
+    return next((n for n, names in LAYERS.items() if top in names), None)
+
+
+def upward_imports(edges: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
+                  for m, deps in edges.items() for d in deps
+                  if layer_of(m) is not None and layer_of(d) is not None and layer_of(d) > layer_of(m))
+
+
+def test_every_module_has_a_layer():
+    assert not [m for m in graph() if layer_of(m) is None], "place new modules in LAYERS (and the README)"
+
+
+def test_upward_import_finder_finds_one():
+    assert upward_imports({"memory": {"bench"}, "bench": {"memory"}}) == ["memory (layer 2) imports bench (layer 4)"]
+    assert upward_imports({"ollama_lab.app": {"ollama_lab.store", "env"}}) == []
+
+
+def test_no_import_goes_up_a_layer():
+    assert upward_imports(graph()) == []

@@ -9,32 +9,6 @@ from labkit import llamacpp_lab as lc
 
 
 # ----------------------------------------------------------------------------- no model needed
-def test_piece_of_handles_both_chunk_shapes():
-    assert lc.piece_of({"choices": [{"delta": {"role": "assistant"}}]}) is None
-    assert lc.piece_of({"choices": [{"delta": {"content": "Hi"}}]}) == "Hi"
-    assert lc.piece_of({"choices": [{"text": " there", "finish_reason": None}]}) == " there"
-    assert lc.piece_of({"choices": []}) is None
-    assert lc.piece_of(NS(choices=[NS(delta=NS(content="x"))])) == "x"
-    assert lc.piece_of(NS(choices=[NS(delta=NS(content=None))])) is None
-    assert lc.piece_of(NS(choices=[], usage=NS(completion_tokens=3))) is None
-    assert lc.piece_of(NS(choices=[NS(text="y")])) == "y"
-
-
-def test_timed_stream_with_a_fake_clock():
-    clock = iter([0.2, 0.3, 0.4, 0.5, 0.6])
-    chunks = [{"choices": [{"delta": {"role": "assistant"}}]}] + [{"choices": [{"delta": {"content": c}}]} for c in "abcd"]
-    text, t = lc.timed_stream(chunks, t0=0.0, now=lambda: next(clock))
-    assert text == "abcd" and t.output_tokens == 4
-    assert t.ttft == pytest.approx(0.2) and t.e2e == pytest.approx(0.6)
-    assert t.decode_tps == pytest.approx(3 / 0.4)
-    assert len(t.itl) == 3
-
-
-def test_timed_stream_refuses_an_empty_stream():
-    with pytest.raises(RuntimeError, match="no text"):
-        lc.timed_stream([{"choices": [{"delta": {"role": "assistant"}}]}])
-
-
 def test_stream_interleaving_counts_switches():
     serial = [(0, 0.1), (0, 0.2), (0, 0.3), (1, 0.4), (1, 0.5)]
     batched = [(0, 0.1), (1, 0.15), (0, 0.2), (1, 0.25), (0, 0.3)]
@@ -84,15 +58,6 @@ def test_schema_gbnf_is_a_grammar():
     g = lc.schema_gbnf({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
     assert g.splitlines()[0].startswith("root ::=") or "root ::=" in g
     assert '"true"' in g or "true" in g
-
-
-def test_kl_from_logits():
-    a = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
-    assert np.allclose(lc.kl_from_logits(a, a), 0, atol=1e-12)
-    b = a + np.array([[0.0, 0.0, 1.0], [5.0, 0.0, 0.0]])
-    kl = lc.kl_from_logits(a, b)
-    assert (kl > 0).all()
-    assert np.allclose(lc.kl_from_logits(a, a + 7.0), 0, atol=1e-9)   # a constant shift changes nothing
 
 
 def test_llama_server_command():

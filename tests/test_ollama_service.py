@@ -202,9 +202,9 @@ def test_plan_rejects_bad_requests(service, body, status, words):
 
 
 def test_quantize_types_are_gguf_presets_in_ollama_spelling():
-    assert oc.QUANTIZE_TYPES == ("q2_K", "q3_K_L", "q3_K_M", "q3_K_S", "q4_0", "q4_1", "q4_K_M", "q4_K_S",
+    assert oc.CREATE_QUANTIZE_PRESETS == ("q2_K", "q3_K_L", "q3_K_M", "q3_K_S", "q4_0", "q4_1", "q4_K_M", "q4_K_S",
                                  "q5_0", "q5_1", "q5_K_M", "q5_K_S", "q6_K", "q8_0")
-    assert {q.upper() for q in oc.QUANTIZE_TYPES} == set(gguf.FTYPES) - {"F16"}
+    assert {q.upper() for q in oc.CREATE_QUANTIZE_PRESETS} == set(gguf.FTYPES) - {"F16"}
 
 
 def test_create_with_quantize_from_f16(service, smollm2_path):

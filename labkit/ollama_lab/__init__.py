@@ -60,7 +60,7 @@ server, whose OpenAI compatibility is a translator around its native handlers):
 from __future__ import annotations
 
 from .app import build_app, main, make_service
-from .create import QUANTIZE_TYPES, CreatePlan, check_gguf, execute_create, plan_create
+from .create import CREATE_QUANTIZE_PRESETS, CreatePlan, check_gguf, execute_create, plan_create
 from .engine import EngineFactory, GGUFEmbedder, SentenceEmbedder, TextEngine, llama_cpp_engine
 from .errors import APIError, error_body, not_found
 from .names import normalize_name, now_rfc3339
@@ -71,7 +71,7 @@ from .store import Manifest, Store
 from .template import render_go_template
 
 __all__ = [
-    "BUNDLED_NAMES", "DEFAULT_KEEP_ALIVE", "DEFAULT_PORT", "QUANTIZE_TYPES", "RUNNER_OPTIONS", "VERSION",
+    "BUNDLED_NAMES", "DEFAULT_KEEP_ALIVE", "DEFAULT_PORT", "CREATE_QUANTIZE_PRESETS", "RUNNER_OPTIONS", "VERSION",
     "APIError", "CreatePlan", "EngineFactory", "GGUFEmbedder", "Loaded", "Manifest", "Scheduler", "SentenceEmbedder",
     "Service", "Store", "TextEngine",
     "build_app", "check_gguf", "default_models_dir", "error_body", "execute_create", "llama_cpp_engine", "main",

@@ -25,14 +25,14 @@ from .store import Manifest
 from .template import render_go_template
 
 # Ollama's spelling (q4_K_M) of llama.cpp's quantize presets, F16 aside.
-QUANTIZE_TYPES = tuple(sorted("q" + name[1:] for name in gguf.FTYPES if name.startswith("Q")))
+CREATE_QUANTIZE_PRESETS = tuple(sorted("q" + name[1:] for name in gguf.FTYPES if name.startswith("Q")))
 
 
 @dataclass
 class CreatePlan:
     """What :func:`execute_create` will write: the new manifest, and the preset to quantize to (if any)."""
     manifest: Manifest
-    quantize: str | None = None     # a QUANTIZE_TYPES spelling, or None: keep the weights as they are
+    quantize: str | None = None     # a CREATE_QUANTIZE_PRESETS spelling, or None: keep the weights as they are
 
 
 def plan_create(service: Service, body: dict) -> CreatePlan:
@@ -188,13 +188,13 @@ def _apply_layers(base: Manifest, fields: dict) -> None:
 
 
 def _quantize_preset(service: Service, base: Manifest, quantize: Any) -> str | None:
-    """``quantize`` in the spelling of :data:`QUANTIZE_TYPES` (None when not asked), once the base is
+    """``quantize`` in the spelling of :data:`CREATE_QUANTIZE_PRESETS` (None when not asked), once the base is
     known to be an F16/F32 GGUF."""
     if not quantize:
         return None
-    match = {q.lower(): q for q in QUANTIZE_TYPES}.get(str(quantize).lower())
+    match = {q.lower(): q for q in CREATE_QUANTIZE_PRESETS}.get(str(quantize).lower())
     if match is None:
-        raise APIError(400, f"unsupported quantization type {quantize}: use one of {', '.join(QUANTIZE_TYPES)}")
+        raise APIError(400, f"unsupported quantization type {quantize}: use one of {', '.join(CREATE_QUANTIZE_PRESETS)}")
     if base.kind != "gguf":
         raise APIError(400, "quantization is only supported for GGUF models")
     ftype = service.header(base.path).metadata.get("general.file_type")
