@@ -19,9 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, engines
 from .env import REPO_ROOT
-from .servers import ENGINES
 
 
 def cmd_doctor(args) -> int:
@@ -144,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("serve", help="run an engine's server in the foreground")
-    p.add_argument("engine", choices=list(ENGINES))
+    p.add_argument("engine", choices=list(engines.names()))
     p.add_argument("--model", default=None, help="bundled name, .gguf path or HF folder (default: $LABKIT_MODEL or smollm2)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; use an --api-key if you widen it)")
     p.add_argument("--port", type=int, default=None)
@@ -162,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewrite the committed outputs of the nbval-check-output cells from this run")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("bench", help="benchmark an engine (TTFT, ITL, tokens/s) and save the results")
-    p.add_argument("--engine", default="llama.cpp", choices=["in-process", "llama.cpp", "vllm", "ollama"])
+    p.add_argument("--engine", default="llama.cpp",
+                   choices=["in-process", *(e.name for e in engines.all_engines() if e.serves_model)])
     p.add_argument("--model", default=None)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=5)

@@ -6,7 +6,6 @@ them all; the CLI prints them (or JSON with ``--json``) and exits 1 when a requi
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import re
 import shutil
@@ -14,7 +13,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import __version__
+from . import __version__, engines
 from .env import REPO_ROOT
 
 LOCK_FILE = REPO_ROOT / "requirements" / "lock.txt"
@@ -94,14 +93,20 @@ def llama_programs_check() -> Check:
                  "make setup (rebuilds the programs from the pinned llama-cpp-python source)", required=False)
 
 
-def rpc_device_check() -> Check:
-    """llama.cpp's RPC device (``ggml-rpc-server``): built, and the programs take ``--rpc`` (chapters 03, 07, 08)."""
-    from . import llama_tools, rpc
-    if not rpc.built():
-        return Check("llama.cpp RPC device (GPU lessons on the CPU)", False, "ggml-rpc-server is not built",
-                     "make setup (builds it with the other programs, -DGGML_RPC=ON)", required=False)
-    return Check("llama.cpp RPC device (GPU lessons on the CPU)", True,
-                 f"{llama_tools.program('ggml-rpc-server')}; labkit.serve('rpc') starts one on 127.0.0.1")
+def engine_check(engine: engines.Engine) -> Check:
+    """Whether an engine of :mod:`labkit.engines` is installed here (optional: chapters skip what is missing)."""
+    from .errors import EngineNotInstalledError
+    label = f"engine {engine.name}: {engine.summary}"
+    try:
+        found = engine.find_install()
+    except EngineNotInstalledError as exc:
+        return Check(label, False, str(exc).split(". ")[0], engine.install_hint, required=False)
+    return Check(label, True, str(found) if found else "ships with labkit")
+
+
+def engine_checks() -> list[Check]:
+    """One :func:`engine_check` per engine in :mod:`labkit.engines`."""
+    return [engine_check(engine) for engine in engines.all_engines()]
 
 
 def run_checks(model=None, n_ctx: int = 2048, require_gpu: bool = False, min_free_vram_gb: float | None = None,
@@ -125,12 +130,8 @@ def run_checks(model=None, n_ctx: int = 2048, require_gpu: bool = False, min_fre
     checks.append(Check("llama-cpp-python", bool(llama), llama or "not installed", "make setup"))
     if llama:
         checks.append(repack_check())
+    checks += engine_checks()
     checks.append(llama_programs_check())
-    checks.append(rpc_device_check())
-    server_ok = all(importlib.util.find_spec(m) for m in ("uvicorn", "fastapi", "sse_starlette", "starlette_context"))
-    checks.append(Check("llama-cpp-python [server] extra", server_ok, "present" if server_ok else "missing", "make setup"))
-    checks.append(Check("vLLM environment (.venv-vllm)", bool(hw.engines.get("vllm")), hw.engines.get("vllm") or "missing",
-                        "make setup (it builds .venv-vllm)", required=False))
     label = str(model or "default model")
     try:
         need = memory_need_bytes(model, n_ctx) / 2**30

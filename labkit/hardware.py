@@ -17,15 +17,15 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import engines
 from .env import find_vllm_python, real_ollama, usable_cores  # noqa: F401  (usable_cores: public here too)
 
 # SIMD extensions llama.cpp and vLLM-CPU care about, in the order a learner reads them.
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16",
               "amx_tile", "amx_bf16", "neon", "asimd", "sve")
 
-ENGINE_PACKAGES = {
-    "llama.cpp": "llama_cpp_python",
-    "vllm": ("vllm", "vllm-cpu"),
+# Beside the engines' own packages (labkit.engines, read at each probe), the libraries the chapters lean on.
+LIBRARY_PACKAGES = {
     "ollama (client)": "ollama",
     "langchain-core": "langchain-core",
     "transformers": "transformers",
@@ -234,14 +234,15 @@ def probe() -> Hardware:
     total, available = _memory()
     usable = usable_cores()
     gpus = nvidia_gpus() or apple_gpus() or _torch_gpus()
-    engines = {name: (_vllm_version() if name == "vllm" else _version(dist)) for name, dist in ENGINE_PACKAGES.items()}
+    packages = {**{e.name: e.distributions for e in engines.all_engines() if e.distributions}, **LIBRARY_PACKAGES}
+    versions = {name: (_vllm_version() if name == "vllm" else _version(dist)) for name, dist in packages.items()}
     offload = llama_cpp_supports_gpu_offload()
     hw = Hardware(
         os=f"{platform.system()} {platform.release()} ({platform.machine()})",
         python=platform.python_version(), cpu_model=model,
         physical_cores=psutil.cpu_count(logical=False), logical_cores=os.cpu_count() or 1,
         usable_cores=usable, simd=simd, ram_total_gib=total, ram_available_gib=available,
-        gpus=gpus, engines=engines, llama_cpp_gpu_offload=offload)
+        gpus=gpus, engines=versions, llama_cpp_gpu_offload=offload)
     hw.can_run = _can_run(hw)
     return hw
 

@@ -43,8 +43,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from . import engines
 from .env import free_port, is_loopback
 from .errors import LabkitError, ServerStartError
+
+# engines a backend can be started on: those that speak OpenAI's chat API (labkit.engines' chat_model) in labkit's
+# own environment (vLLM runs in its own; pass --backend URL for a vLLM server)
+OPENAI_ENGINES = [e.name for e in engines.all_engines()
+                  if e.chat_model == "langchain_openai:ChatOpenAI" and not e.own_environment]
 
 TOKEN_ENV = "LABKIT_MCP_TOKEN"          # the bearer token reaches a background server this way, not in argv
 MCP_PATH = "/mcp"
@@ -517,7 +523,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an OpenAI-compatible engine to front (repeatable); none: start --model on --engine")
     parser.add_argument("--default", default=None, help="the default backend's name (default: the first)")
     parser.add_argument("--model", default=None, help="model to start when no --backend is given (default: $LABKIT_MODEL or smollm2)")
-    parser.add_argument("--engine", default="llama.cpp", choices=["llama.cpp", "llama-server"],
+    parser.add_argument("--engine", default="llama.cpp", choices=OPENAI_ENGINES,
                         help="engine to start when no --backend is given")
 
 

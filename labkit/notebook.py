@@ -23,6 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from . import engines
 from .env import progress  # noqa: F401  (labkit.notebook.progress: public here too)
 from .errors import GPURequiredError
 
@@ -115,12 +116,12 @@ def run_gpu_cell(source: str, namespace: dict, kind: str = "any") -> bool:
 
 def vllm_required() -> bool:
     """CI (``CI`` set) and ``LABKIT_REQUIRE_VLLM=1`` turn a missing vLLM into an error, not a skip."""
-    return any(os.environ.get(v, "") not in ("", "0", "false") for v in ("CI", "LABKIT_REQUIRE_VLLM"))
+    return engines.get("vllm").required()
 
 
 def llama_server_required() -> bool:
     """CI and ``LABKIT_REQUIRE_LLAMA_SERVER=1`` turn missing llama.cpp programs into an error."""
-    return any(os.environ.get(v, "") not in ("", "0", "false") for v in ("CI", "LABKIT_REQUIRE_LLAMA_SERVER"))
+    return engines.get("llama-server").required()
 
 
 def nginx_required() -> bool:
@@ -175,9 +176,14 @@ def _prometheus_need() -> tuple:
     return prometheus_binary, prometheus_required(), "Prometheus"
 
 
+def _engine_need(name: str) -> tuple:
+    """(find, required, what) for an engine, from its record in :mod:`labkit.engines`."""
+    record = engines.get(name)
+    return record.find_install, record.required(), record.needs_label or name
+
+
 def _llama_server_need() -> tuple:
-    from .llama_tools import program
-    return (lambda: program("llama-server")), llama_server_required(), "llama.cpp's programs"
+    return _engine_need("llama-server")
 
 
 def run_llama_server_cell(source: str, namespace: dict) -> bool:
@@ -193,10 +199,10 @@ def run_nginx_cell(source: str, namespace: dict) -> bool:
 
 
 def run_cell_needing(names: list[str], source: str, namespace: dict) -> bool:
-    """``%%needs NAME [NAME ...]``: execute ``source`` only if every named engine is installed."""
-    from .servers import vllm_python
-    needs = {"vllm": lambda: (vllm_python, vllm_required(), "vLLM"),
-             "llama-server": _llama_server_need, "nginx": _nginx_need, "prometheus": _prometheus_need}
+    """``%%needs NAME [NAME ...]``: execute ``source`` only if every named engine (any in :mod:`labkit.engines`)
+    or tool (nginx, prometheus) is installed."""
+    needs = {name: (lambda name=name: _engine_need(name)) for name in engines.names()}
+    needs.update({"nginx": _nginx_need, "prometheus": _prometheus_need})
     unknown = [n for n in names if n not in needs]
     if unknown or not names:
         raise ValueError(f"%%needs knows {', '.join(needs)}; got {' '.join(names)!r}")
@@ -209,8 +215,7 @@ def run_vllm_cell(source: str, namespace: dict) -> bool:
     For places that cannot hold vLLM's environment (Binder's 2 GB, a CPU-only Colab runtime):
     the rest of the chapter still runs. Return whether the cell ran.
     """
-    from .servers import vllm_python
-    return _run_if_installed(source, namespace, vllm_python, vllm_required(), "vLLM")
+    return _run_if_installed(source, namespace, *_engine_need("vllm"))
 
 
 def register_magics(ipython) -> None:

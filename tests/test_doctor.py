@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from labkit import doctor, models
+from labkit import doctor, engines, models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,16 +108,16 @@ def test_llama_programs_check_reports_skew(tmp_path, monkeypatch):
     assert not c.ok and not c.required and "0.0.1" in c.detail and "version: 1 (abc1234)" in c.detail
 
 
-def test_rpc_device_check_says_how_to_get_one(tmp_path, monkeypatch):
+def test_engine_check_says_how_to_get_the_rpc_device(tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_LLAMA_CPP", str(tmp_path))          # an empty build folder, and nothing on PATH
     monkeypatch.setenv("PATH", str(tmp_path))
     from labkit import llama_tools
     monkeypatch.setattr(llama_tools, "REPO_ROOT", tmp_path)
-    c = doctor.rpc_device_check()
+    c = doctor.engine_check(engines.get("rpc"))
     assert not c.ok and not c.required and "make setup" in c.fix and "GGML_RPC" in c.fix
     (tmp_path / "bin").mkdir()
     device = tmp_path / "bin" / "ggml-rpc-server"
     device.write_text("#!/bin/sh\n")
     device.chmod(0o755)
-    c = doctor.rpc_device_check()
+    c = doctor.engine_check(engines.get("rpc"))
     assert c.ok and str(device) in c.detail
