@@ -838,3 +838,58 @@ def test_real_engine_stops_when_the_client_goes_away(engine_url):
     reply = httpx.post(engine_url + "/api/generate", timeout=60,
                        json={"model": CHAT, "prompt": "hi", "stream": False, "options": QUICK})
     assert reply.status_code == 200 and time.monotonic() - t0 < 8
+
+
+# ------------------------------------------------------------------------------ the clients' own types as the oracle
+# Keys Ollama sends (its docs/api.md examples) that ollama-python's models do not declare
+DOCUMENTED_BEYOND_THE_CLIENT = {"ListResponse.Model": {"name"}, "ProcessResponse.Model": {"name"}}
+
+
+def _parsed(model_type, obj: dict):
+    """``obj`` validated by a client's pydantic model; every key it has must be one the client knows
+    (or one Ollama's docs show beyond it)."""
+    parsed = model_type.model_validate(obj)
+    allowed = DOCUMENTED_BEYOND_THE_CLIENT.get(model_type.__qualname__, set())
+    known = {f.alias or name for name, f in model_type.model_fields.items()} | set(model_type.model_fields)
+    unknown = set(obj) - known - allowed
+    assert not unknown, f"{model_type.__name__} has no field {sorted(unknown)}: {obj}"
+    return parsed
+
+
+def test_every_native_answer_parses_as_ollama_pythons_types(http):
+    from ollama import _types as ot
+    gen = {"model": CHAT, "prompt": "Hi", "options": QUICK}
+    _parsed(ot.GenerateResponse, http.post("/api/generate", json={**gen, "stream": False}).json())
+    for line in ndjson(http.post("/api/generate", json=gen)):
+        _parsed(ot.GenerateResponse, line)
+    chat = {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "options": QUICK}
+    done = _parsed(ot.ChatResponse, http.post("/api/chat", json={**chat, "stream": False}).json())
+    assert done.done and done.message.role == "assistant"
+    for line in ndjson(http.post("/api/chat", json=chat)):
+        _parsed(ot.ChatResponse, line)
+    _parsed(ot.EmbedResponse, http.post("/api/embed", json={"model": EMBED, "input": ["a", "b"]}).json())
+    _parsed(ot.EmbeddingsResponse, http.post("/api/embeddings", json={"model": EMBED, "prompt": "a"}).json())
+    tags = _parsed(ot.ListResponse, http.get("/api/tags").json())
+    for m in http.get("/api/tags").json()["models"]:
+        _parsed(ot.ListResponse.Model, m)
+    assert CHAT in {m.model for m in tags.models}
+    _parsed(ot.ShowResponse, http.post("/api/show", json={"model": CHAT}).json())
+    for m in http.get("/api/ps").json()["models"]:
+        _parsed(ot.ProcessResponse.Model, m)
+
+
+def test_every_v1_answer_parses_as_the_openai_packages_types(http):
+    from openai.types import Completion, CreateEmbeddingResponse, Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    messages = [{"role": "user", "content": "Hi"}]
+    reply = _parsed(ChatCompletion, http.post("/v1/chat/completions", json={
+        "model": CHAT, "messages": messages, "max_tokens": 8, "temperature": 0}).json())
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens > 0
+    with http.stream("POST", "/v1/chat/completions", json={"model": CHAT, "messages": messages, "max_tokens": 8,
+                                                           "stream": True, "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(x[5:]) for x in r.iter_lines() if x.startswith("data:") and x[5:].strip() != "[DONE]"]
+    assert chunks and all(_parsed(ChatCompletionChunk, c) for c in chunks)
+    _parsed(Completion, http.post("/v1/completions", json={"model": CHAT, "prompt": "Hi", "max_tokens": 8}).json())
+    _parsed(CreateEmbeddingResponse, http.post("/v1/embeddings", json={"model": EMBED, "input": "a"}).json())
+    for m in http.get("/v1/models").json()["data"]:
+        _parsed(Model, m)
