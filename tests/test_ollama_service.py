@@ -426,3 +426,29 @@ def test_old_package_name_gives_the_same_modules():
     from labkit.ollama_lab import inference
     assert ollama_compat is oc and old_inference is inference
     assert ollama_compat.service.Service is oc.service.Service
+
+
+# ---------------------------------------------------------------------------- the typed wire
+def test_the_wire_types_name_only_fields_the_clients_know():
+    """labkit.ollama_lab.types against ollama-python's and openai's own types: a field the client does not
+    declare is a typo or an invention (beyond "name" in tags and ps, which Ollama's docs show, and a token's
+    "bytes", which Ollama's api/types.go sends)."""
+    from ollama import _types as ot
+    from openai.types import CompletionUsage
+    from openai.types.chat import ChatCompletionChunk
+
+    from labkit.ollama_lab import types as wire
+
+    def client_fields(model) -> set[str]:
+        return {f.alias or name for name, f in model.model_fields.items()} | set(model.model_fields)
+
+    pairs = [(wire.GenerateResponse, ot.GenerateResponse, set()), (wire.ChatResponse, ot.ChatResponse, set()),
+             (wire.Message, ot.Message, set()), (wire.EmbedResponse, ot.EmbedResponse, set()),
+             (wire.ShowResponse, ot.ShowResponse, {"system", "messages"}),   # api/types.go's ShowResponse has both
+             (wire.ModelDetails, ot.ModelDetails, set()),
+             (wire.ListedModel, ot.ListResponse.Model, {"name"}), (wire.RunningModel, ot.ProcessResponse.Model, {"name"}),
+             (wire.Logprob, ot.Logprob, {"bytes"}),          # Ollama's TokenLogprob has bytes; ollama-python omits it
+             (wire.Usage, CompletionUsage, set()), (wire.ChatCompletionChunk, ChatCompletionChunk, set())]
+    for ours, theirs, documented in pairs:
+        keys = set(ours.__required_keys__) | set(ours.__optional_keys__)
+        assert keys - client_fields(theirs) <= documented, (ours.__name__, keys - client_fields(theirs))

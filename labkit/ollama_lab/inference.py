@@ -16,6 +16,7 @@ from .service import Service
 from .settings import parse_duration
 from .store import Manifest
 from .tools import ToolCallParser, call_objects, normalize_tools
+from .types import ChatResponse, DoneStats, GenerateResponse, Kind
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Done:
     """The end of an answer: Ollama's final fields (``done_reason``, counts, durations in ns, and
     ``context`` for ``/api/generate``), the whole text, every tool call, and every token's
     log-probability — ``None`` when the request did not ask for them."""
-    stats: dict
+    stats: DoneStats
     text: str
     tool_calls: list[dict] = field(default_factory=list)
     logprobs: list[dict] | None = None
@@ -67,7 +68,7 @@ def logprob_request(body: dict) -> int | None:
     return int(top or 0) if want else None
 
 
-def generation(service: Service, kind: str, body: dict, manifest: Manifest, t0: int,
+def generation(service: Service, kind: Kind, body: dict, manifest: Manifest, t0: int,
                messages_or_prompt) -> Iterator[Piece | Done]:
     """Generate for ``/api/generate`` (``kind="generate"``) or ``/api/chat``: :class:`Piece` events,
     then one :class:`Done`. The model is held until the generator is closed."""
@@ -99,7 +100,7 @@ def generation(service: Service, kind: str, body: dict, manifest: Manifest, t0: 
         sched.release(lm, inst, keep_alive)
 
 
-def _prompt_tokens(service: Service, kind: str, body: dict, manifest: Manifest, lm, inst, messages_or_prompt,
+def _prompt_tokens(service: Service, kind: Kind, body: dict, manifest: Manifest, lm, inst, messages_or_prompt,
                    tools: list | None) -> list[int]:
     """The prompt's tokens: raw, or through the template (with the request's tools), after any ``context``."""
     if kind == "generate":
@@ -141,7 +142,7 @@ def _piece(text: str, parser: ToolCallParser | None, stats: dict, calls: list, f
     return piece
 
 
-def load_or_unload(service: Service, kind: str, body: dict, manifest: Manifest) -> dict:
+def load_or_unload(service: Service, kind: Kind, body: dict, manifest: Manifest) -> GenerateResponse | ChatResponse:
     """A generate/chat request without a prompt or messages: load the model (or unload it with keep_alive 0)."""
     sched = service.sched
     keep_alive = parse_duration(body.get("keep_alive"), default=sched.default_keep_alive)

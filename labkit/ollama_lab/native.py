@@ -28,6 +28,7 @@ from .service import Service
 from .settings import VERSION
 from .store import Manifest
 from .tools import normalize_tool_calls
+from .types import ChatResponse, EmbedResponse, GenerateResponse, Kind, RunningModel, ShowResponse
 
 
 async def body_of(request: Request) -> dict:
@@ -63,7 +64,7 @@ def ndjson(gen: Iterator[dict], closes: tuple[Iterator, ...] = ()) -> StreamingR
     return cancellable_stream(lines(), "application/x-ndjson", closes)
 
 
-def shaped(kind: str, name: str, event: Piece | Done, streamed: bool) -> dict:
+def shaped(kind: Kind, name: str, event: Piece | Done, streamed: bool) -> GenerateResponse | ChatResponse:
     """A :func:`generation` event as Ollama's generate/chat object (the final one carries the stats)."""
     final = isinstance(event, Done)
     text = ("" if streamed else event.text) if final else event.text
@@ -90,7 +91,7 @@ def shaped(kind: str, name: str, event: Piece | Done, streamed: bool) -> dict:
     return out
 
 
-async def respond(service: Service, request: Request, kind: str, body: dict, manifest: Manifest, t0: int,
+async def respond(service: Service, request: Request, kind: Kind, body: dict, manifest: Manifest, t0: int,
                   payload):
     """A generate/chat answer: streamed as NDJSON, or one JSON object with ``"stream": false``."""
     name = manifest.name
@@ -184,9 +185,8 @@ async def embed(service: Service, request: Request, t0: int):
     truncate = body.get("truncate", True) is not False
     vecs, n, load_ns = await run_in_threadpool(embed_vectors, service, manifest, inputs, body, normalize=True,
                                                truncate=truncate, dims=dims)
-    return JSONResponse({"model": manifest.name, "embeddings": vecs,
-                         "total_duration": time.perf_counter_ns() - t0, "load_duration": load_ns,
-                         "prompt_eval_count": n})
+    return JSONResponse(EmbedResponse(model=manifest.name, embeddings=vecs, total_duration=time.perf_counter_ns() - t0,
+                                      load_duration=load_ns, prompt_eval_count=n))
 
 
 async def embeddings_legacy(service: Service, request: Request, t0: int):
@@ -209,7 +209,7 @@ async def tags(service: Service, request: Request, t0: int):
 async def show(service: Service, request: Request, t0: int):
     body = await body_of(request)
     m = service.store.require(body.get("model") or body.get("name"))
-    out = {"modelfile": service.modelfile_text(m),
+    out: ShowResponse = {"modelfile": service.modelfile_text(m),
            "parameters": mf.format_parameters(m.parameters),
            "template": service.chat_template(m)}
     if m.system is not None:
@@ -235,8 +235,8 @@ async def ps(service: Service, request: Request, t0: int):
             except Exception:  # noqa: BLE001, S110  (the size without the KV cache is still an answer)
                 pass
         expires = lm.expires_at if lm.expires_at != math.inf else time.time() + 10 * 365 * 86400 * 30
-        row = {"name": m.name, "model": m.name, "size": size, "digest": m.digest, "details": service.details(m),
-               "expires_at": now_rfc3339(int(expires * 1e9), utc=False), "size_vram": 0}
+        row = RunningModel(name=m.name, model=m.name, size=size, digest=m.digest, details=service.details(m),
+                           expires_at=now_rfc3339(int(expires * 1e9), utc=False), size_vram=0)
         if lm.n_ctx:
             row["context_length"] = lm.n_ctx
         rows.append(row)

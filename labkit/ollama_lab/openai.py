@@ -26,6 +26,7 @@ from .native import body_of
 from .service import Service
 from .store import Manifest
 from .tools import normalize_tool_calls
+from .types import FinalStats, Usage
 
 
 def oai_messages(raw: Any) -> list[dict]:
@@ -176,9 +177,10 @@ def translate(body: dict, manifest: Manifest, kind: str) -> tuple[dict, str, Any
     return ob, gkind, payload
 
 
-def usage(final: dict) -> dict:
-    return {"prompt_tokens": final["prompt_eval_count"], "completion_tokens": final["eval_count"],
-            "total_tokens": final["prompt_eval_count"] + final["eval_count"]}
+def usage(final: FinalStats) -> Usage:
+    """Ollama's final counts as OpenAI's ``usage``."""
+    return Usage(prompt_tokens=final["prompt_eval_count"], completion_tokens=final["eval_count"],
+                 total_tokens=final["prompt_eval_count"] + final["eval_count"])
 
 
 def finish(final: dict, tool_calls: bool = False) -> str:

@@ -22,6 +22,7 @@ from .scheduler import Loaded, Scheduler
 from .store import Manifest, Store
 from .template import references, render_go_template
 from .tools import tool_tag
+from .types import ListedModel, ModelDetails
 
 DEFAULT_TEMPLATE = "{{ .Prompt }}"   # what Ollama gives a model imported without a template
 
@@ -94,7 +95,7 @@ class Service:
             self._info_cache[key] = (read_header(path),)
         return self._info_cache[key][0]
 
-    def details(self, m: Manifest) -> dict:
+    def details(self, m: Manifest) -> ModelDetails:
         if m.kind == "gguf":
             h = self.header(m.path)
             arch = h.architecture or "unknown"
@@ -171,7 +172,7 @@ class Service:
         return mf.render(from_=m.path, system=m.system, template=m.template, parameters=m.parameters,
                          messages=m.messages, license=m.license, adapters=m.adapters, header=header)
 
-    def entry(self, m: Manifest) -> dict:
+    def entry(self, m: Manifest) -> ListedModel:
         return {"name": m.name, "model": m.name, "modified_at": now_rfc3339(m.modified_ns, utc=False),
                 "size": m.size, "digest": m.digest, "details": self.details(m)}
 
