@@ -476,7 +476,9 @@ def file_type_name(header) -> str | None:
     if not hasattr(header, "metadata"):
         header = read_header(header)
     ftype = header.metadata.get("general.file_type")
-    names = {getattr(llama_cpp, const): name for name, const in FTYPES.items() if hasattr(llama_cpp, const)}
+    # every preset the installed llama.cpp knows (IQ*, Q2_K_S, BF16, MXFP4_MOE...), by its constant's name
+    names = {value: const.removeprefix("LLAMA_FTYPE_MOSTLY_") for const, value in vars(llama_cpp).items()
+             if const.startswith("LLAMA_FTYPE_MOSTLY_") and isinstance(value, int)}
     names[getattr(llama_cpp, "LLAMA_FTYPE_ALL_F32", 0)] = "F32"
     return names.get(ftype) if ftype is not None else None
 

@@ -23,9 +23,44 @@ from .quant import LAYOUTS
 
 # Bits per weight of pure ggml block types: block bytes × 8 / block size (ggml-common.h).
 BPW_PURE = {name: layout.bits_per_weight for name, layout in LAYOUTS.items()}   # from the block sizes
-# Average bpw of llama.cpp's mixed presets, as measured on Llama-3-8B (llama.cpp quantize
-# README / tools/quantize). Other models differ slightly; a real file's tensors are the truth.
-BPW_MIX = {"Q6_K": 6.56, "Q5_K_M": 5.70, "Q4_K_M": 4.89, "Q3_K_M": 4.00, "Q2_K": 3.16}
+# Average bpw of llama.cpp's presets as llama.cpp publishes them, measured on Llama-3.1-8B (the pinned
+# source's tools/quantize/README.md, "Quantization" tables). Other models differ — a large vocabulary or
+# tied embeddings move the average a lot — so a real file's tensors are the truth; these are for sizing
+# a model before you have it. MXFP4_MOE, TQ1_0/TQ2_0 and other presets have no published average here.
+BPW_MIX = {"Q6_K": 6.56, "Q5_K_M": 5.70, "Q5_K_S": 5.57, "Q4_K_M": 4.89, "Q4_K_S": 4.67, "Q3_K_L": 4.30,
+           "Q3_K_M": 4.00, "Q3_K_S": 3.64, "Q2_K": 3.16, "Q2_K_S": 2.97,
+           "IQ4_NL": 4.68, "IQ4_XS": 4.46, "IQ3_M": 3.76, "IQ3_S": 3.66, "IQ3_XS": 3.50, "IQ3_XXS": 3.25,
+           "IQ2_M": 2.93, "IQ2_S": 2.74, "IQ2_XS": 2.59, "IQ2_XXS": 2.38, "IQ1_M": 2.15, "IQ1_S": 2.00}
+# The block type most of a preset's weights get (llama.cpp src/llama-quant.cpp, llama_ftype_get_default_type);
+# the mix promotes some tensors (attention V, FFN down, output) to more bits, and norms stay F32.
+PRESET_BASE_TYPE = {"Q2_K_S": "Q2_K", "Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
+                    "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
+                    "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_XS", "IQ2_M": "IQ2_S",
+                    "IQ3_XXS": "IQ3_XXS", "IQ3_XS": "IQ3_S", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S",
+                    "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS",
+                    "MXFP4_MOE": "MXFP4", "TQ1_0": "TQ1_0", "TQ2_0": "TQ2_0"}
+
+
+def preset_base_type(preset: str | None) -> str | None:
+    """The ggml block type a llama.cpp preset stores most weights in ("Q4_K_M" -> "Q4_K"; a pure type,
+    "Q4_1" or "F16", is its own); None for no preset. Chapter 00."""
+    if not preset:
+        return None
+    return PRESET_BASE_TYPE.get(preset.upper(), preset.upper())
+
+
+def block_type_bits(type_name: str) -> float:
+    """Bits per weight of one ggml block type, from its block layout (the gguf package's table of ggml's sizes).
+
+    >>> block_type_bits("Q4_K"), block_type_bits("IQ4_XS"), block_type_bits("F16")
+    (4.5, 4.25, 16.0)
+    """
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+    except KeyError:
+        raise ValueError(f"{type_name!r} is not a ggml block type") from None
+    return 8 * size / block
 
 # KV cache bytes per element (f16 2; q8_0 34 bytes per 32 values; q4_0 18 per 32).
 KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}

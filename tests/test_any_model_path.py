@@ -132,3 +132,27 @@ def test_chapter_runs_on_a_split_model_in_a_japanese_folder(number, split_model,
     result = runner.execute(chapter, tier="ci", out_dir=tmp_path / "build", html=False,
                             parameters={"model": str(folder / split_model[1].name)})
     assert result.ok, result.error
+
+
+@pytest.fixture(scope="module")
+def f16_model(tmp_path_factory, smollm2_path):
+    """The bundled model dequantized to F16 (the source llama-quantize needs for a fresh preset)."""
+    return gguf.ladder(smollm2_path, [], cache=tmp_path_factory.mktemp("f16"))["F16"]
+
+
+@pytest.mark.full          # a chapter run per preset: make test-full
+@pytest.mark.engine
+@pytest.mark.notebook
+@needs_split_tool          # llama-gguf-split stands for llama.cpp's programs, llama-quantize among them
+@pytest.mark.parametrize("preset", ["Q4_K_S", "IQ4_XS"])
+def test_chapter_00_runs_on_a_preset_without_a_nominal_rule(preset, f16_model, tmp_path):
+    """A learner's first download is often Q4_K_S or an IQ file: chapter 00 measures its bits per weight from
+    the tensors, shows llama.cpp's published average, and its checks hold."""
+    from labkit import runner
+    path = llama_tools.quantize(f16_model, tmp_path / f"smollm2-{preset}.gguf", preset)
+    assert gguf.file_type_name(path) == preset
+    assert memory.block_type_bits(memory.preset_base_type(preset)) < 8 * gguf.read_header(path).tensor_bytes / \
+        gguf.read_header(path).n_parameters
+    result = runner.execute(runner.discover()[0], tier="ci", out_dir=tmp_path / "build", html=False,
+                            parameters={"model": str(path)})
+    assert result.ok, result.error

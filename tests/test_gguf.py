@@ -165,6 +165,20 @@ def test_quantize_with_llamacpp_and_fallback(f16_file, tmp_path):
         quantize(f16_file, tmp_path / "x.gguf", "Q9_Z")
 
 
+def test_file_type_name_knows_every_preset_of_the_installed_llama_cpp():
+    from types import SimpleNamespace
+
+    import llama_cpp
+
+    from labkit.gguf import file_type_name
+    for const, name in [("LLAMA_FTYPE_MOSTLY_IQ4_XS", "IQ4_XS"), ("LLAMA_FTYPE_MOSTLY_Q4_K_S", "Q4_K_S"),
+                        ("LLAMA_FTYPE_MOSTLY_Q2_K_S", "Q2_K_S"), ("LLAMA_FTYPE_MOSTLY_BF16", "BF16"),
+                        ("LLAMA_FTYPE_ALL_F32", "F32")]:
+        assert file_type_name(SimpleNamespace(metadata={"general.file_type": getattr(llama_cpp, const)})) == name
+    assert file_type_name(SimpleNamespace(metadata={})) is None
+    assert file_type_name(SimpleNamespace(metadata={"general.file_type": 9999})) is None
+
+
 def test_file_type_name_is_the_nominal_preset(smollm2_path):
     from labkit import models
     from labkit.gguf import file_type_name

@@ -177,3 +177,17 @@ def test_gpu_layers_conserves_bytes_and_grows_with_vram():
         assert plan.ngl >= previous
         previous = plan.ngl
     assert memory.gpu_layers("Qwen2.5-14B", 48e9, "Q4_K_M", n_ctx=32768).fully_offloaded
+
+
+def test_every_published_preset_is_above_its_base_block_type():
+    # llama.cpp's published averages (Llama-3.1-8B) for the presets learners download, and the base type each names
+    for preset in ("Q4_K_S", "Q5_K_S", "Q3_K_S", "Q3_K_L", "Q4_K_M", "IQ4_XS", "IQ3_M", "IQ2_M", "IQ1_S", "Q2_K_S"):
+        base = memory.preset_base_type(preset)
+        assert memory.bits_per_weight(preset) > memory.block_type_bits(base), (preset, base)
+    assert [memory.preset_base_type(p) for p in ("Q4_K_M", "IQ3_XS", "IQ2_S", "Q4_1", "f16", None)] == \
+        ["Q4_K", "IQ3_S", "IQ2_XS", "Q4_1", "F16", None]
+    assert memory.block_type_bits("Q6_K") == 6.5625 and memory.block_type_bits("IQ2_XXS") == 2.0625
+    with pytest.raises(ValueError, match="not a ggml block type"):
+        memory.block_type_bits("Q4_K_M")                 # a preset, not a block type
+    with pytest.raises(ValueError, match="Unknown quantization"):
+        memory.bits_per_weight("MXFP4_MOE")              # no published average: chapter 00 says so
