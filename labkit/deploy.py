@@ -26,12 +26,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .env import REPO_ROOT
 from .errors import EngineNotInstalledError, LabkitError
+from .streams import timed_stream
 
 DEPLOY_DIR = REPO_ROOT / "deploy"
 K8S_VERSION = "1.37"              # the newest schema set kubernetes-validate 1.37.0 bundles
@@ -337,21 +337,19 @@ def wire_per_token(server, wires, prompt: str, max_tokens: int = 32) -> list[dic
     """Bytes that cross each RPC device's wire per generated token (chapter 08), one dict per wire.
 
     Streams one greedy completion from ``server`` (a llama-server using the devices behind ``wires``,
-    :class:`labkit.rpc.WireCounter`) and reads the counters as each token arrives: what flowed between
-    the first and the last token, divided by the tokens in between, is the decode traffic alone (the
-    prompt was processed before the first token). ``decode tok/s`` is timed over the same tokens."""
-    marks, times = [], []
+    :class:`labkit.rpc.WireCounter`) through :func:`labkit.streams.timed_stream`, reading the counters
+    as each token arrives: what flowed between the first and the last token, divided by the tokens in
+    between, is the decode traffic alone (the prompt was processed before the first token). ``decode
+    tok/s`` is the stream's own decode rate."""
+    marks = []
     stream = server.openai().completions.create(model=server.model, prompt=prompt, max_tokens=max_tokens,
                                                 temperature=0.0, stream=True)
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
-            marks.append([w.counts() for w in wires])
-            times.append(time.perf_counter())
+    _, timing = timed_stream(stream, echo=lambda _piece: marks.append([w.counts() for w in wires]))
     if len(marks) < 3:
         raise RuntimeError(f"the stream produced {len(marks)} tokens; need at least 3 to measure per-token traffic "
                            "(raise max_tokens, or use a prompt the model does not end at once)")
     steps = len(marks) - 1
     return [{"to device B/token": (marks[-1][i][0] - marks[0][i][0]) / steps,
              "from device B/token": (marks[-1][i][1] - marks[0][i][1]) / steps, "tokens": len(marks),
-             "decode tok/s": steps / (times[-1] - times[0])}
+             "decode tok/s": timing.decode_tps}
             for i in range(len(wires))]
