@@ -165,6 +165,17 @@ class Server:
         except (psutil.NoSuchProcess, TypeError, ValueError):
             return []
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the server's processes together (its engine and any runner it started), in bytes."""
+        import psutil
+        total = 0
+        for pid in self.pids():
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server and every process it started. Safe to call twice."""
         with _live_lock:
@@ -373,11 +384,25 @@ def rpc_device_command(model_path: Path, name: str, host: str, port: int, api_ke
     return argv + _flags(opts, dash=True), {}
 
 
+# serve("ollama", num_parallel=2, ...): Ollama's server settings are environment variables of `ollama serve`
+# (docs/faq.mdx); the stand-in reads the same variables, so both get them the same way
+OLLAMA_SERVER_SETTINGS = {"num_parallel": "OLLAMA_NUM_PARALLEL", "max_loaded_models": "OLLAMA_MAX_LOADED_MODELS",
+                          "max_queue": "OLLAMA_MAX_QUEUE", "keep_alive": "OLLAMA_KEEP_ALIVE",
+                          "context_length": "OLLAMA_CONTEXT_LENGTH", "models_dir": "OLLAMA_MODELS"}
+
+
 def ollama_command(model_path: Path, name: str, host: str, port: int, api_key: str | None,
                    options: dict) -> tuple[list[str], dict]:
-    """``serve("ollama")``: a real ``ollama serve`` when the binary is on PATH, else labkit's Ollama-compatible server."""
+    """``serve("ollama")``: a real ``ollama serve`` when the binary is on PATH, else labkit's Ollama-compatible server.
+    Options named in :data:`OLLAMA_SERVER_SETTINGS` become their ``OLLAMA_*`` variables for either."""
+    env = {OLLAMA_SERVER_SETTINGS[k]: str(v) for k, v in options.items() if k in OLLAMA_SERVER_SETTINGS and v is not None}
+    rest = {k: v for k, v in options.items() if k not in OLLAMA_SERVER_SETTINGS}
     if shutil.which("ollama"):
-        return [shutil.which("ollama"), "serve"], {"OLLAMA_HOST": f"{host}:{port}"}
+        if rest:
+            raise ValueError(f"`ollama serve` has no setting {sorted(rest)}: it takes "
+                             f"{sorted(OLLAMA_SERVER_SETTINGS)} (as OLLAMA_* variables); per-request settings such as "
+                             "num_thread go in a request's options.")
+        return [shutil.which("ollama"), "serve"], {**env, "OLLAMA_HOST": f"{host}:{port}"}
     try:
         from . import ollama_lab  # noqa: F401  (chapter 02's stand-in)
     except ImportError:
@@ -386,7 +411,7 @@ def ollama_command(model_path: Path, name: str, host: str, port: int, api_key: s
             "labkit has no Ollama-compatible server. Install Ollama from https://ollama.com/download.") from None
     argv = [sys.executable, "-m", "labkit.ollama_lab", "--model", str(model_path), "--name", name,
             "--host", host, "--port", str(port)]
-    return argv + _flags(options, dash=True), {}
+    return argv + _flags(rest, dash=True), env
 
 
 def _command(engine: str, model_path: Path, name: str, host: str, port: int,

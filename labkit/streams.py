@@ -42,6 +42,23 @@ def summarize(values) -> dict:
             "p50": percentile(v, 50), "p95": percentile(v, 95), "p99": percentile(v, 99), "min": min(v), "max": max(v)}
 
 
+def max_in_flight(intervals: Iterable[tuple[float, float]]) -> int:
+    """The most ``(start, end)`` intervals open at one moment: how many requests a server was working on at
+    once (chapter 02 introduces it). An interval ending where another starts does not overlap it.
+
+    >>> max_in_flight([(0, 1), (1, 2), (2, 3)])      # one after another: a single stream
+    1
+    >>> max_in_flight([(0, 2), (0.5, 2.5), (2.5, 3)])
+    2
+    """
+    events = sorted((t, step) for start, end in intervals for t, step in ((start, 1), (end, -1)))
+    most = now = 0
+    for _, step in events:          # at equal times the end (-1) sorts before the start (+1)
+        now += step
+        most = max(most, now)
+    return most
+
+
 # ----------------------------------------------------------------------------- one request
 @dataclass
 class RequestTiming:

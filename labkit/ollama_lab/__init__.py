@@ -32,7 +32,9 @@ stream has started arrives as a last ``{"error": ...}`` line. Model names are ``
 ``$OLLAMA_MODELS``, else ``~/.cache/labkit/ollama/models``); the bundled SmolLM2 is registered as
 ``smollm2:135m`` and MiniLM as the embedding model ``all-minilm:latest``. Several models stay
 loaded at once (``OLLAMA_MAX_LOADED_MODELS``, default 3) until their keep-alive expires
-(``OLLAMA_KEEP_ALIVE``, default 5m); ``OLLAMA_NUM_PARALLEL`` requests run per model.
+(``OLLAMA_KEEP_ALIVE``, default 5m); ``OLLAMA_NUM_PARALLEL`` requests run per model (as that many
+llama.cpp instances sharing the memory-mapped weights, where Ollama batches N slots of one runner);
+requests waiting for the scheduler beyond ``OLLAMA_MAX_QUEUE`` get Ollama's 503.
 
 Run it with ``python -m labkit.ollama_lab`` (binds ``$OLLAMA_HOST``, default 127.0.0.1:11434).
 What differs from real Ollama: templates are the GGUF's Jinja chat template unless a Modelfile

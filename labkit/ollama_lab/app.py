@@ -79,12 +79,13 @@ def build_app(service: Service):
 def make_service(models_dir: Path, *, model: str | None = None, name: str | None = None,
                  keep_alive: float | None = None, num_parallel: int | None = None,
                  max_loaded: int | None = None, context_length: int | None = None,
-                 num_thread: int = 0, engine: EngineFactory | None = None) -> Service:
+                 max_queue: int | None = None, num_thread: int = 0, engine: EngineFactory | None = None) -> Service:
     """The service over the store in ``models_dir``, with the bundled models (and ``model``, as ``name``)
     registered. ``engine`` loads models (:mod:`.engine`; llama-cpp-python by default, a fake in tests)."""
     store = Store(models_dir)
     sched = Scheduler(**scheduler_settings(keep_alive=keep_alive, num_parallel=num_parallel,
-                                           max_loaded=max_loaded, context_length=context_length),
+                                           max_loaded=max_loaded, context_length=context_length,
+                                           max_queue=max_queue),
                       num_thread=num_thread, engine=engine)
     service = Service(store, sched)
     from .. import models
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, name=args.name,
         keep_alive=parse_duration(args.keep_alive) if args.keep_alive else None,
         num_parallel=args.num_parallel, max_loaded=args.max_loaded_models,
-        context_length=args.context_length, num_thread=args.num_thread)
+        context_length=args.context_length, max_queue=args.max_queue, num_thread=args.num_thread)
     if not is_loopback(host):
         print(f"WARNING: listening on {host}: anyone who can reach this machine can use (and delete) your "
               "models — this API has no authentication. Put a reverse proxy with auth in front of it.", flush=True)

@@ -1,7 +1,8 @@
 """Loaded models: which runners are in memory, who is using them, and when they go.
 
 One runner per weights file, several loaded at once (``OLLAMA_MAX_LOADED_MODELS``), up to
-``OLLAMA_NUM_PARALLEL`` llama.cpp instances each, unloaded when their keep-alive expires. The
+``OLLAMA_NUM_PARALLEL`` llama.cpp instances each, unloaded when their keep-alive expires; at most
+``OLLAMA_MAX_QUEUE`` requests wait for a busy runner, the next gets Ollama's 503. The
 instances come from an engine factory (:mod:`.engine`): llama-cpp-python unless one is given.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from .engine import EngineFactory, llama_cpp_engine
 from .errors import APIError
 from .store import Manifest
 
+# Ollama's words (server/sched.go, ErrMaxQueue), sent with HTTP 503
+SERVER_BUSY = "server busy, please try again.  maximum pending requests exceeded"
 RUNNER_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "num_thread", "use_mmap", "use_mlock", "repeat_last_n")
 
 
@@ -49,9 +52,12 @@ class Scheduler:
     """
 
     def __init__(self, *, max_loaded: int, num_parallel: int, keep_alive: float, context_length: int,
-                 num_thread: int, engine: EngineFactory | None = None):
+                 num_thread: int, max_queue: int = 512, engine: EngineFactory | None = None):
         self.max_loaded = max(1, max_loaded)
         self.num_parallel = max(1, num_parallel)
+        self.max_queue = max(1, max_queue)      # OLLAMA_MAX_QUEUE: requests that may wait before a 503
+        self.waiting = 0
+        self._queue_lock = threading.Lock()
         self.default_keep_alive = keep_alive
         self.context_length = context_length
         self.num_thread = num_thread
@@ -77,9 +83,36 @@ class Scheduler:
         return self.engine(lm.manifest, lm.runner_opts)
 
     def acquire(self, manifest: Manifest, options: dict) -> tuple[Loaded, Any, int]:
-        """(loaded model, an instance reserved for this request, load nanoseconds)."""
+        """(loaded model, an instance reserved for this request, load nanoseconds).
+
+        As in Ollama, two kinds of waiting differ. A request for a loaded model whose instances are all busy
+        waits for one (Ollama's runner holds it until one of its ``OLLAMA_NUM_PARALLEL`` slots frees), with
+        no limit. A request that needs a model loaded while every model slot is busy
+        (``OLLAMA_MAX_LOADED_MODELS``) waits in the scheduler's queue, and past ``OLLAMA_MAX_QUEUE`` gets 503."""
         t0 = time.perf_counter_ns()
-        wanted = self.runner_options(manifest, options)
+        queued = [False]
+        try:
+            lm = self._reserve_runner(manifest, self.runner_options(manifest, options), queued)
+        finally:
+            if queued[0]:
+                with self._queue_lock:
+                    self.waiting -= 1
+        return lm, self._reserve_instance(lm, manifest), time.perf_counter_ns() - t0
+
+    def _wait_in_queue(self, queued: list) -> None:
+        """Count this request as waiting for the scheduler (once), or refuse it when the queue is full.
+        Ollama's queue (a channel of OLLAMA_MAX_QUEUE places) holds that many besides the one request its
+        scheduler is placing: so max_queue + 1 may wait."""
+        if queued[0]:
+            return
+        with self._queue_lock:
+            if self.waiting > self.max_queue:
+                raise APIError(503, SERVER_BUSY)
+            self.waiting += 1
+        queued[0] = True
+
+    def _reserve_runner(self, manifest: Manifest, wanted: dict, queued: list) -> Loaded:
+        """The loaded runner for ``manifest`` with ``wanted`` options, loading (and evicting) as needed."""
         with self.lock:
             while True:
                 lm = self.loaded.get(manifest.runner_key)
@@ -88,11 +121,13 @@ class Scheduler:
                         self._unload(lm)
                         lm = None
                     else:
+                        self._wait_in_queue(queued)
                         self.lock.wait(0.5)
                         continue
                 if lm is None:
                     idle = sorted((x for x in self.loaded.values() if x.active == 0), key=lambda x: x.last_used)
                     if len(self.loaded) >= self.max_loaded and not idle:
+                        self._wait_in_queue(queued)
                         self.lock.wait(0.5)     # every slot busy: queue, as Ollama does
                         continue
                     while len(self.loaded) >= self.max_loaded and idle:
@@ -107,21 +142,29 @@ class Scheduler:
                 lm.manifest = manifest          # the newest configuration (SYSTEM, PARAMETERs) applies
                 lm.active += 1
                 lm.expires_at = math.inf        # never expires while in use
-                break
-        # reserve an instance: a free one, a new one (up to OLLAMA_NUM_PARALLEL), or wait
-        with lm.cond:
-            while not lm.instances:
-                if lm.created < self.num_parallel and manifest.kind == "gguf":
-                    lm.created += 1
-                    try:
-                        inst = self._construct(lm)
-                    except Exception:
-                        lm.created -= 1
-                        raise
-                    return lm, inst, time.perf_counter_ns() - t0
-                lm.cond.wait()
-            inst = lm.instances.pop()
-        return lm, inst, time.perf_counter_ns() - t0
+                return lm
+
+    def _reserve_instance(self, lm: Loaded, manifest: Manifest):
+        """A free instance of ``lm``, a new one (up to ``OLLAMA_NUM_PARALLEL``), or wait for one."""
+        try:
+            with lm.cond:
+                while not lm.instances:
+                    if lm.created < self.num_parallel and manifest.kind == "gguf":
+                        lm.created += 1
+                        try:
+                            return self._construct(lm)
+                        except Exception:
+                            lm.created -= 1
+                            raise
+                    lm.cond.wait()
+                return lm.instances.pop()
+        except BaseException:
+            with self.lock:                     # this request will not run: give the runner back
+                lm.active -= 1
+                if lm.active == 0:
+                    lm.expires_at = time.time() + self.default_keep_alive
+                self.lock.notify_all()
+            raise
 
     def release(self, lm: Loaded, inst: Any, keep_alive: float) -> None:
         with lm.cond:

@@ -96,12 +96,14 @@ def default_models_dir() -> Path:
 
 
 def scheduler_settings(*, keep_alive: float | None = None, num_parallel: int | None = None,
-                       max_loaded: int | None = None, context_length: int | None = None) -> dict:
+                       max_loaded: int | None = None, context_length: int | None = None,
+                       max_queue: int | None = None) -> dict:
     """The scheduler's settings: the values given, else their ``OLLAMA_*`` variables, else Ollama's defaults."""
     env = os.environ
     return {
         "max_loaded": max_loaded or int(env.get("OLLAMA_MAX_LOADED_MODELS") or 0) or 3,
         "num_parallel": num_parallel or int(env.get("OLLAMA_NUM_PARALLEL") or 0) or 1,
+        "max_queue": max_queue or int(env.get("OLLAMA_MAX_QUEUE") or 0) or 512,
         "keep_alive": keep_alive if keep_alive is not None else parse_duration(env.get("OLLAMA_KEEP_ALIVE")),
         "context_length": context_length or int(env.get("OLLAMA_CONTEXT_LENGTH") or 0) or 4096,
     }
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-alive", help="default keep-alive (default: $OLLAMA_KEEP_ALIVE, else 5m)")
     ap.add_argument("--num-parallel", type=int, help="parallel requests per model ($OLLAMA_NUM_PARALLEL, 1)")
     ap.add_argument("--max-loaded-models", type=int, help="models loaded at once ($OLLAMA_MAX_LOADED_MODELS, 3)")
+    ap.add_argument("--max-queue", type=int, help="requests waiting before a 503 ($OLLAMA_MAX_QUEUE, 512)")
     ap.add_argument("--context-length", type=int, help="default num_ctx ($OLLAMA_CONTEXT_LENGTH, 4096)")
     ap.add_argument("--num-thread", type=int, default=0, help="llama.cpp threads (0: one per physical core, labkit.env.default_threads)")
     return ap
