@@ -7,8 +7,8 @@ Engine modules are named ``<engine>_lab`` (:mod:`labkit.llamacpp_lab`, :mod:`lab
 ``labkit.eval`` remain aliases for one release.
 
 * bottom layer, imported by everything and importing nothing of labkit: :mod:`labkit.env`
-  (paths, :func:`data_path`, cache, ports, loopback, interpreters, threads, progress) and
-  :mod:`labkit.errors`.
+  (paths, :func:`data_path`, cache, ports, loopback, interpreters, threads, progress),
+  :mod:`labkit.errors` and :mod:`labkit.wsl` (WSL detection, ``.wslconfig``, the WSL GPU driver).
 * 00 setup: :mod:`labkit.models` (bundled models), :mod:`labkit.hardware` (probe),
   :func:`labkit.serve` (managed engine servers, :mod:`labkit.servers`), :mod:`labkit.runner`
   (notebook execution), :mod:`labkit.cli` (``labkit doctor|serve|run|bench``), :mod:`labkit.notebook`
@@ -25,7 +25,7 @@ Engine modules are named ``<engine>_lab`` (:mod:`labkit.llamacpp_lab`, :mod:`lab
 * 05 RAG: :mod:`labkit.rag`.
 * 06 benchmarking: :mod:`labkit.bench`.
 * 07 troubleshooting: :mod:`labkit.troubleshoot`, :mod:`labkit.doctor`, :mod:`labkit.repack`
-  (weight repacking and the AMX crash).
+  (weight repacking and the AMX crash), :mod:`labkit.wsl` (what doctor checks on WSL 2).
 * 08 production: :mod:`labkit.proxy` (nginx in front of the engines, supervised like them: load
   balancing, rate limits, API key, buffering, body size, TLS; ``nginx -t`` on any config),
   :mod:`labkit.monitoring` (a managed Prometheus), :mod:`labkit.deploy` (systemd, Dockerfile, compose and

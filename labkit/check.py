@@ -413,6 +413,91 @@ def _vllm_serve(answer):
     return True, ""
 
 
+# ------------------------------------------------------------------ commands judged by the programs' own parsers
+# `vllm serve`'s parser as the installed vLLM builds it (its module moved between releases), run in .venv-vllm on
+# each argument list given as JSON in argv[1]: every option string it defines, and per list whether it parsed,
+# the parser's error line, and the parsed values of the flags given.
+_VLLM_SERVE_PARSER = r"""
+import contextlib, importlib, io, json, sys
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+for where in ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args"):
+    try:
+        make = importlib.import_module(where).make_arg_parser
+        break
+    except ImportError:
+        pass
+parser = make(FlexibleArgumentParser())
+verdicts = []
+for args in json.loads(sys.argv[1]):
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            parsed = parser.parse_args(args)
+    except SystemExit:
+        errors = [line[line.index("error:"):] for line in said.getvalue().splitlines() if "error:" in line]
+        verdicts.append({"ok": False, "error": errors[-1] if errors else said.getvalue()[-300:], "values": {}})
+        continue
+    given = {w.split("=")[0].replace("_", "-") for w in args if w.startswith("--")}
+    dests = {a.dest for a in parser._actions if given & set(a.option_strings)}
+    verdicts.append({"ok": True, "error": "", "values": {k: v for k, v in vars(parsed).items() if k in dests}})
+print(json.dumps({"flags": [s for a in parser._actions for s in a.option_strings], "verdicts": verdicts}, default=str))
+"""
+
+
+def vllm_serve_parse(arg_lists: list[list[str]], timeout: float = 300) -> tuple[set[str], list[dict]]:
+    """The installed vLLM's own ``vllm serve`` argument parser on each list of the words after ``vllm serve``:
+    (every option string it defines, one verdict per list: ``ok``, the parser's ``error`` line, the parsed
+    ``values`` of the flags given). One run for all lists: importing vLLM takes seconds."""
+    import json
+    import subprocess
+
+    from .servers import vllm_python
+    run = subprocess.run([vllm_python(), "-c", _VLLM_SERVE_PARSER, json.dumps(arg_lists)], capture_output=True,
+                         text=True, timeout=timeout, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"vLLM's argument parser did not run (exit {run.returncode}):\n{run.stderr[-2000:]}")
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    return set(out["flags"]), out["verdicts"]
+
+
+def llama_server_parse(args: list[str]) -> tuple[bool, str]:
+    """The built llama-server's own argument parser on ``args``: (accepted, its error line). ``--help`` goes
+    first: llama.cpp parses every argument after it (a bad flag or value exits 1 with ``error: ...``) and
+    prints its usage only after a clean parse (exit 0), so nothing is loaded."""
+    import subprocess
+
+    from .llama_tools import program
+    run = subprocess.run([str(program("llama-server")), "--help", *args], capture_output=True, text=True,
+                         timeout=60, check=False)
+    if run.returncode == 0:
+        return True, ""
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error")]
+    return False, errors[-1] if errors else f"llama-server exited with code {run.returncode}"
+
+
+def command_verdicts(commands: list[str]) -> list[tuple[bool, str]]:
+    """Each ``llama-server ...`` or ``vllm serve ...`` shell command judged by that program's own parser:
+    (accepted, the parser's error line). Used on chapter 04's vision commands (labkit.vision.VISION_COMMANDS)."""
+    words = []
+    for command in commands:
+        split, hint = _shell_words(command)
+        if hint or not split:
+            raise ValueError(f"{command!r}: {hint or 'empty command'}")
+        if not (split[0].endswith("llama-server") or split[:2] == ["vllm", "serve"]):
+            raise ValueError(f"{command!r}: only llama-server and vllm serve commands can be judged here")
+        words.append(split)
+    vllm_lists = [w[2:] for w in words if w[0] == "vllm"]
+    vllm_verdicts = iter(vllm_serve_parse(vllm_lists)[1] if vllm_lists else [])
+    out = []
+    for w in words:
+        if w[0] == "vllm":
+            verdict = next(vllm_verdicts)
+            out.append((verdict["ok"], verdict["error"]))
+        else:
+            out.append(llama_server_parse(w[1:]))
+    return out
+
+
 # exercise 05-rrf: (rankings, the constant k); graded against labkit.japanese.rrf_fuse
 RRF_CASES = [([["a", "b", "c"], ["c", "a", "d"]], 60), ([["x", "y"], ["y", "z"], ["z", "y"]], 60),
              ([["x", "a", "y"], ["b", "y"]], 1), ([["solo"]], 60), ([["m", "n"], []], 60)]

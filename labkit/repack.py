@@ -10,7 +10,8 @@ off is the known fix; this module decides when to do it, in one place, for every
 * the Python bindings: :func:`install` makes ``llama_model_default_params()`` return
   ``use_extra_bufts=False``, which every ``Llama(...)`` (and ``llama_cpp.server``) starts from;
   ``import labkit`` calls it;
-* subprocesses: ``python -m labkit.repack MODULE ARGS...`` runs a module with it applied;
+* subprocesses: ``python -m labkit.repack MODULE ARGS...`` runs a module with it applied (for
+  ``llama_cpp.server`` also :func:`labkit.vision.guard_llama_cpp_server`: images to a text-only model get a 400);
 * the native programs: :func:`llama_server_args` / :func:`llama_bench_args`.
 
 The rule: repacking stays **on** unless the CPU has AMX-INT8 *and* the llama.cpp build
@@ -146,6 +147,9 @@ def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit("usage: python -m labkit.repack MODULE [ARGS...]   (e.g. llama_cpp.server --model m.gguf)")
     install()
+    if argv[0] == "llama_cpp.server":               # a text-only model answers an image with a 400, not a 500
+        from .vision import guard_llama_cpp_server
+        guard_llama_cpp_server(argv[1:])
     sys.argv = [argv[0], *argv[1:]]
     runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
 

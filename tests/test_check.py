@@ -252,30 +252,50 @@ def test_vllm_serve_exercise_names_each_mistake(change, words, capsys):
     assert words in capsys.readouterr().out
 
 
-def test_vllm_serve_exercise_flags_are_the_installed_vllms():
-    """Every flag the grader accepts is one the installed vLLM's own argument parser defines, and the
-    flag the grader calls gone really is."""
-    import json
-    import subprocess
+def test_vllm_serve_exercise_flags_and_the_vision_command_are_the_installed_vllms():
+    """Every flag the grader accepts is one the installed vLLM's own argument parser defines, and the flag the
+    grader calls gone really is; chapter 04's vision command parses (its JSON values too), and a misspelled
+    flag or a value that is not JSON is reported. One run of the parser: importing vLLM takes seconds."""
+    import shlex
 
     from conftest import installed_or_skip
 
-    from labkit.check import VLLM_SERVE_FLAGS
+    from labkit.check import VLLM_SERVE_FLAGS, vllm_serve_parse
     from labkit.notebook import vllm_required
     from labkit.servers import vllm_python
-    python = installed_or_skip(vllm_python, vllm_required(), "vLLM")
-    probe = ("import importlib, json\n"
-             "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-             "for where in ('vllm.entrypoints.launchers.cli_args', 'vllm.entrypoints.openai.cli_args'):\n"
-             "    try: make = importlib.import_module(where).make_arg_parser; break\n"
-             "    except ImportError: pass\n"
-             "parser = make(FlexibleArgumentParser())\n"
-             "print(json.dumps([s for a in parser._actions for s in a.option_strings]))")
-    run = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=180)
-    assert run.returncode == 0, run.stderr[-2000:]
-    defined = set(json.loads(run.stdout.strip().splitlines()[-1]))
+    from labkit.vision import VISION_COMMANDS
+    installed_or_skip(vllm_python, vllm_required(), "vLLM")
+    vision = shlex.split(VISION_COMMANDS["vllm"])[2:]
+    misspelled = [w.replace("--limit-mm-per-prompt", "--limit-mm-per-promt") for w in vision]
+    not_json = [w.replace('{"image": 2}', "{image: 2}") for w in vision]
+    defined, (ok, bad_flag, bad_value) = vllm_serve_parse([vision, misspelled, not_json])
     assert not [flag for flag in VLLM_SERVE_FLAGS if flag not in defined]
     assert "--model" in defined and "--disable-log-requests" not in defined
+    assert ok["ok"], ok["error"]
+    assert ok["values"] == {"max_model_len": 8192, "limit_mm_per_prompt": {"image": 2},
+                            "mm_processor_kwargs": {"max_pixels": 1003520}}, ok
+    assert not bad_flag["ok"] and "unrecognized arguments: --limit-mm-per-promt" in bad_flag["error"], bad_flag
+    assert not bad_value["ok"] and "--limit-mm-per-prompt" in bad_value["error"], bad_value
+
+
+def test_the_vision_llama_server_command_passes_its_own_parser():
+    """Chapter 04's llama-server command with a projector, through the built llama-server's parser (milliseconds:
+    nothing is loaded); a misspelled flag and a missing value are reported with llama.cpp's own error."""
+    from conftest import installed_or_skip
+
+    from labkit import llama_tools
+    from labkit.check import command_verdicts
+    from labkit.notebook import llama_server_required
+    from labkit.vision import VISION_COMMANDS
+    installed_or_skip(lambda: llama_tools.program("llama-server"), llama_server_required(), "llama-server")
+    command = VISION_COMMANDS["llama-server"]
+    assert "--mmproj" in command
+    verdicts = command_verdicts([command, command.replace("--mmproj", "--mmprj"), command.replace(" 1280", "")])
+    assert verdicts[0] == (True, ""), verdicts[0]
+    assert verdicts[1] == (False, "error: invalid argument: --mmprj"), verdicts[1]
+    assert not verdicts[2][0] and "--image-max-tokens" in verdicts[2][1], verdicts[2]
+    with pytest.raises(ValueError, match="only llama-server and vllm serve"):
+        command_verdicts(["ollama serve"])
 
 
 def test_rrf_exercise_names_each_mistake(capsys):

@@ -19,6 +19,7 @@ def test_all_pass_here():
     checks = doctor.run_checks()
     assert doctor.passed(checks), doctor.format_checks(checks)
     assert "memory for default model at n_ctx=2048" in by_name(checks)
+    assert "WSL" in by_name(checks)          # "not WSL" here; on WSL 2 its rows follow (tests/test_wsl.py)
 
 
 def test_missing_model_package_fails(monkeypatch):

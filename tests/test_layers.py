@@ -7,12 +7,13 @@ from pathlib import Path
 import labkit
 
 PACKAGE = Path(labkit.__file__).parent
-BOTTOM = {"env", "errors"}          # environment facts and exceptions: everything may import them
+BOTTOM = {"env", "errors", "wsl"}   # environment facts and exceptions: everything may import them
 
 # The README's layers, bottom to top. A module may import its own layer and the ones below.
 LAYERS = {
-    1: {"env", "errors"},
-    2: {"quant", "gguf", "models", "memory", "hardware", "repack", "modelfile", "offload", "streams", "engines"},
+    1: {"env", "errors", "wsl"},
+    2: {"quant", "gguf", "models", "memory", "hardware", "repack", "modelfile", "offload", "streams", "engines",
+        "vision"},
     3: {"llamacpp_lab", "vllm_lab", "ollama_lab", "llama_tools", "servers", "cancellable", "rpc", "_supervisor"},
     4: {"quality", "conformance", "bench", "rag", "japanese", "paging", "troubleshoot", "proxy", "monitoring", "deploy",
         "router", "fault_api", "toolcall", "mcp_server", "finetune", "check", "colab"},

@@ -146,7 +146,8 @@ DOC_EXAMPLES = [
     ("openai: responses", "POST", "/v1/responses", {"model": CHAT, "input": "Write a short poem about the color blue"}, OK),
     ("openai: chat completions with vision", "POST", "/v1/chat/completions", {"model": CHAT, "max_tokens": 300, "messages": [
         {"role": "user", "content": [{"type": "text", "text": "What's in this image?"},
-                                     {"type": "image_url", "image_url": "data:image/png;base64," + PNG}]}]}, refused("text content")),
+                                     {"type": "image_url", "image_url": "data:image/png;base64," + PNG}]}]},
+     refused("does not support images")),
     ("openai: default model names (after ollama cp)", "POST", "/v1/chat/completions", {"model": "gpt-3.5-turbo", "messages": [
         {"role": "user", "content": "Hello!"}]}, OK),
 ]

@@ -151,3 +151,31 @@ def test_the_engine_sees_the_templated_prompt(fake, http):
                       "<|im_start|>assistant\n")                                  # SmolLM2's own chat template
     http.post("/api/generate", json={"model": CHAT, "prompt": "[INST] raw [/INST]", "raw": True, "stream": False})
     assert fake.factory.calls[-1].prompt == "[INST] raw [/INST]"
+
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+TEXT_ONLY = f'"{CHAT}" does not support images (it is a text-only model)'
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_an_image_to_the_text_only_model_is_a_400_on_every_route(fake, http, streamed):
+    """/api/generate's images, /api/chat's messages[].images and /v1's image_url parts (which Ollama's OpenAI
+    middleware turns into images) all get the same 400 before any token is generated: Ollama's form for a
+    missing capability, never a silent answer that ignored the picture."""
+    calls = len(fake.factory.calls)
+    requests = [
+        ("/api/generate", {"model": CHAT, "prompt": "What is this?", "images": [PNG], "stream": streamed}),
+        ("/api/chat", {"model": CHAT, "stream": streamed, "messages": [
+            {"role": "user", "content": "What is this?", "images": [PNG]}]}),
+        ("/v1/chat/completions", {"model": CHAT, "stream": streamed, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG}}]}]}),
+    ]
+    for path, body in requests:
+        r = http.post(path, json=body)
+        assert r.status_code == 400, (path, r.text)
+        if path.startswith("/v1"):                 # OpenAI's error object on /v1
+            assert r.json()["error"]["message"] == TEXT_ONLY and r.json()["error"]["type"] == "invalid_request_error"
+        else:
+            assert r.json() == {"error": TEXT_ONLY}
+    assert len(fake.factory.calls) == calls        # refused before the engine was asked anything

@@ -236,8 +236,12 @@ def test_openai_requests_translate_to_native_ones(service):
                   "stream": False, "format": "json"}
     ob, kind, payload = translate({"prompt": ["Once"], "temperature": 0, "stream": True}, m, "completion")
     assert (kind, payload, ob["raw"], ob["stream"], ob["options"]) == ("generate", "Once", True, True, {"temperature": 0})
-    with pytest.raises(oc.APIError, match="only text content parts"):
-        translate({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, m, "chat")
+    # image_url parts become the message's images, as Ollama's middleware makes them; prepare() then refuses them
+    _, _, payload = translate({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "data:x"}]}]},
+                              m, "chat")
+    assert payload == [{"role": "user", "content": "", "images": ["data:x"]}]
+    with pytest.raises(oc.APIError, match="only text and image_url content parts"):
+        translate({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, m, "chat")
 
 
 def test_prepare_checks_options_format_and_keep_alive(service):
@@ -251,6 +255,8 @@ def test_prepare_checks_options_format_and_keep_alive(service):
         with pytest.raises(oc.APIError, match=words) as exc:
             prepare(service, body, m)
         assert exc.value.status == 400
+    with pytest.raises(oc.APIError, match="does not support images"):      # a translated /v1 chat's messages
+        prepare(service, {}, m, [{"role": "user", "content": "x", "images": ["data:x"]}])
 
 
 @pytest.mark.parametrize("engine", ["fake", ENGINE])

@@ -5,12 +5,15 @@ import tempfile
 import urllib.error
 import urllib.request
 
+import openai
 import psutil
 import pytest
 
 import labkit
 from labkit import memory, models, vllm_lab
 from labkit.servers import port_is_free
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"     # 1×1 px
 
 SAMPLE = """# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
 # TYPE vllm:kv_cache_usage_perc gauge
@@ -45,6 +48,14 @@ def test_serve_vllm_start_chat_metrics_stop():
         client = srv.openai()
         r = client.completions.create(model=srv.model, prompt="The capital of France is", max_tokens=5, temperature=0)
         assert r.usage.completion_tokens == 5
+        # An image to the text-only model: vLLM's chat renderer asks for the model's multimodal processor,
+        # MultiModalRegistry.create_processor raises ValueError("<name> is not a multimodal model"), and the
+        # server's exception handlers answer a ValueError as 400 BadRequestError (chapter 04 checks it too).
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=srv.model, max_tokens=4, messages=[{"role": "user", "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG}}]}])
+        assert refused.value.status_code == 400 and "is not a multimodal model" in str(refused.value), refused.value
         with pytest.raises(urllib.error.HTTPError) as info:     # no key, no answer
             urllib.request.urlopen(srv.base_url + "/v1/models", timeout=10)
         assert info.value.code == 401

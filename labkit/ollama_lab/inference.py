@@ -39,11 +39,16 @@ class Done:
     logprobs: list[dict] | None = None
 
 
-def prepare(service: Service, body: dict, manifest: Manifest) -> tuple[dict, Any, float]:
-    """The options, grammar and keep-alive of a generate/chat request; 400 for what this model cannot do."""
+def prepare(service: Service, body: dict, manifest: Manifest, messages: list | None = None) -> tuple[dict, Any, float]:
+    """The options, grammar and keep-alive of a generate/chat request; 400 for what this model cannot do.
+    ``messages``: the chat's messages where ``body`` does not hold them (an OpenAI request, translated)."""
     if manifest.kind != "gguf":
         raise APIError(400, f"\"{manifest.name}\" does not support generate")
-    if body.get("images") or any(isinstance(x, dict) and x.get("images") for x in body.get("messages") or []):
+    messages = [*(body.get("messages") or []), *(messages or [])]
+    if body.get("images") or any(isinstance(x, dict) and x.get("images") for x in messages):
+        # Ollama's own wording for a missing capability ("%q does not support ...", server/routes.go) with its
+        # app's words for this one ("This model does not support images"); Ollama's server itself checks no
+        # capability for images and leaves them to the runner
         raise APIError(400, f"\"{manifest.name}\" does not support images (it is a text-only model)")
     if body.get("tools") and not service.supports_tools(manifest):
         raise APIError(400, f"\"{manifest.name}\" does not support tools")
@@ -73,7 +78,7 @@ def generation(service: Service, kind: Kind, body: dict, manifest: Manifest, t0:
     """Generate for ``/api/generate`` (``kind="generate"``) or ``/api/chat``: :class:`Piece` events,
     then one :class:`Done`. The model is held until the generator is closed."""
     sched = service.sched
-    opts, grammar, keep_alive = prepare(service, body, manifest)
+    opts, grammar, keep_alive = prepare(service, body, manifest, messages_or_prompt if kind == "chat" else None)
     top = logprob_request(body)
     tools = normalize_tools(body["tools"]) if body.get("tools") else None
     lm, inst, load_ns = sched.acquire(manifest, opts)

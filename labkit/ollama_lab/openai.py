@@ -30,7 +30,8 @@ from .types import FinalStats, Usage
 
 
 def oai_messages(raw: Any) -> list[dict]:
-    """OpenAI chat messages as Ollama's: text content parts joined, ``developer`` read as ``system``,
+    """OpenAI chat messages as Ollama's: text content parts joined, ``image_url`` parts as ``images`` (which
+    the model then refuses or reads, as on ``/api/chat``), ``developer`` read as ``system``,
     assistant ``tool_calls`` (arguments as JSON strings) as objects, a ``tool`` message's
     ``tool_call_id`` resolved to the name of the function it answers (as Ollama's middleware does)."""
     if not isinstance(raw, list) or not raw:
@@ -40,18 +41,24 @@ def oai_messages(raw: Any) -> list[dict]:
         if not isinstance(x, dict):
             raise APIError(400, "each message must be an object")
         content = x.get("content") or ""
+        images = []
         if isinstance(content, list):
             texts = []
             for part in content:
-                if isinstance(part, dict) and part.get("type") == "text":
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
                     texts.append(part.get("text", ""))
+                elif kind == "image_url":      # Ollama's middleware moves these to the message's images
+                    images.append(part.get("image_url"))
                 else:
-                    raise APIError(400, "only text content parts are supported by this model")
+                    raise APIError(400, "only text and image_url content parts are supported by this model")
             content = "".join(texts)
         role = x.get("role")
         if role == "developer":
             role = "system"
         msg = {"role": role, "content": content}
+        if images:                             # refused by the model's capabilities, as /api/chat refuses them
+            msg["images"] = images
         if x.get("tool_calls"):
             msg["tool_calls"] = normalize_tool_calls(x["tool_calls"], f"messages[{i}]")
             names.update({c["id"]: c["function"]["name"] for c in msg["tool_calls"] if c.get("id")})
