@@ -13,6 +13,7 @@ False
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -91,9 +92,9 @@ def _ngl(answer):
                    "output layer) ÷ (one layer's weights + its KV cache); memory.gpu_layers(...).per_layer_bytes gives the slice.")
 
 
-def _fits(answer):
+def _fits(answer, model=None):
     from .troubleshoot import fit_report
-    report = fit_report("smollm2", n_ctx=32768, available_bytes=0)
+    report = fit_report(model or "smollm2", n_ctx=32768, available_bytes=0)   # the chapter's model (default SmolLM2)
     expected = report.weights_bytes + report.kv_bytes
     if _close(answer, expected, rel=0.02):
         return True, ""
@@ -461,18 +462,10 @@ def vllm_serve_parse(arg_lists: list[list[str]], timeout: float = 300) -> tuple[
 
 
 def llama_server_parse(args: list[str]) -> tuple[bool, str]:
-    """The built llama-server's own argument parser on ``args``: (accepted, its error line). ``--help`` goes
-    first: llama.cpp parses every argument after it (a bad flag or value exits 1 with ``error: ...``) and
-    prints its usage only after a clean parse (exit 0), so nothing is loaded."""
-    import subprocess
-
-    from .llama_tools import program
-    run = subprocess.run([str(program("llama-server")), "--help", *args], capture_output=True, text=True,
-                         timeout=60, check=False)
-    if run.returncode == 0:
-        return True, ""
-    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error")]
-    return False, errors[-1] if errors else f"llama-server exited with code {run.returncode}"
+    """The built llama-server's own argument parser on ``args``: (accepted, its error line)
+    (:func:`labkit.llama_tools.parse_args`)."""
+    from .llama_tools import parse_args
+    return parse_args("llama-server", args)
 
 
 def command_verdicts(commands: list[str]) -> list[tuple[bool, str]]:
@@ -613,7 +606,8 @@ EXERCISES: dict[str, Exercise] = {e.id: e for e in [
              "of context for 4 parallel slots, loopback only on port 8081, API key lab-secret.", _llama_server),
     Exercise("06-stream-timing", "06", "stream_timing(arrivals, output_tokens) -> (TTFT, decode tokens/s) of one streamed "
              "reply, from its chunks' arrival times and the engine's token count.", _stream_timing),
-    Exercise("07-fits", "07", "Bytes the bundled SmolLM2 needs for weights + f16 KV cache at n_ctx=32768.", _fits),
+    Exercise("07-fits", "07", "Bytes the chapter's model (check(..., model=model); the bundled SmolLM2 by default) needs "
+                              "for weights + f16 KV cache at n_ctx=32768.", _fits),
     Exercise("04-vllm-serve", "04", "The vllm serve command for Qwen/Qwen2.5-7B-Instruct-AWQ: 16384-token context, at most "
              "8 sequences at once, 85% of GPU memory, loopback only on port 8000, API key lab-secret.", _vllm_serve),
     Exercise("05-rrf", "05", "rrf(rankings, k=60): fuse several rankings of ids by reciprocal rank fusion, best first.",
@@ -630,13 +624,17 @@ def register(exercise: Exercise) -> None:
     EXERCISES[exercise.id] = exercise
 
 
-def check(exercise_id: str, answer: Any) -> bool:
-    """Grade an answer, print the verdict (with a hint on failure) and return it."""
+def check(exercise_id: str, answer: Any, *, model=None) -> bool:
+    """Grade an answer, print the verdict (with a hint on failure) and return it. ``model``: the model the
+    chapter runs on, for the exercises about it (``07-fits``); the others take no model."""
     if exercise_id not in EXERCISES:
         raise KeyError(f"No exercise {exercise_id!r}; known: {', '.join(sorted(EXERCISES))}")
     if answer is None or answer is Ellipsis:
         print(f"⏳ {exercise_id}: not answered yet — replace the ... with your answer.")
         return False
-    ok, hint = EXERCISES[exercise_id].grade(answer)
+    grade = EXERCISES[exercise_id].grade
+    if model is not None and "model" not in inspect.signature(grade).parameters:
+        raise TypeError(f"exercise {exercise_id!r} is not about a chapter's model: call check({exercise_id!r}, answer)")
+    ok, hint = grade(answer, model=model) if model is not None else grade(answer)
     print(f"✅ {exercise_id}: correct." if ok else f"❌ {exercise_id}: {hint}")
     return ok

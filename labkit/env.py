@@ -168,3 +168,46 @@ def progress(iterable, desc: str, total: int | None = None):
     except ImportError:      # pragma: no cover - tqdm ships with the lab
         return iterable
     return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+# ----------------------------------------------------------------------------- a process's memory (chapter 03)
+PROC_MEMORY_FIELDS = {"VmRSS": "rss", "RssAnon": "rss_anon", "RssFile": "rss_file", "VmLck": "locked"}
+
+
+def process_memory(pid: int | None = None, status_text: str | None = None) -> dict:
+    """A process's resident memory from Linux's ``/proc/PID/status``, in bytes: ``rss`` (all of it),
+    ``rss_anon`` (private memory: a copy of the weights, the KV cache), ``rss_file`` (pages of mapped files:
+    memory-mapped weights, shared with the page cache) and ``locked`` (pinned by ``mlock``). Elsewhere
+    (macOS) only ``rss``, from psutil; the others are None.
+
+    >>> process_memory(status_text="VmLck:\\t  1024 kB\\nVmRSS:\\t 2048 kB\\nRssAnon:\\t 1536 kB\\nRssFile:\\t 512 kB\\n")
+    {'rss': 2097152, 'rss_anon': 1572864, 'rss_file': 524288, 'locked': 1048576}
+    """
+    if status_text is None:
+        status = Path(f"/proc/{pid or os.getpid()}/status")
+        if not status.exists():
+            import psutil
+            return {"rss": psutil.Process(pid).memory_info().rss, "rss_anon": None, "rss_file": None, "locked": None}
+        status_text = status.read_text()
+    out = dict.fromkeys(PROC_MEMORY_FIELDS.values())
+    for line in status_text.splitlines():
+        key, _, value = line.partition(":")
+        if key in PROC_MEMORY_FIELDS and value.strip().endswith("kB"):
+            out[PROC_MEMORY_FIELDS[key]] = int(value.split()[0]) * 1024
+    return out
+
+
+def memlock_limited(argv: list[str], limit_bytes: int) -> tuple[list[str], object]:
+    """(argv, preexec_fn) to run ``argv`` with at most ``limit_bytes`` lockable (``ulimit -l``, RLIMIT_MEMLOCK).
+    root is exempt from that limit (the CAP_IPC_LOCK capability): as root, the command runs without that
+    capability (util-linux ``setpriv``), so it meets the limit as any other user would."""
+    import resource
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit_bytes, limit_bytes))
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            raise RuntimeError("running as root, which ignores ulimit -l, and util-linux's setpriv (to drop the "
+                               "CAP_IPC_LOCK capability) is not installed: apt-get install util-linux")
+        argv = ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", *argv]
+    return argv, set_limit

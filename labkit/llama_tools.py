@@ -98,22 +98,121 @@ def skew() -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- building it yourself (chapter 03)
+# Older guides build llama.cpp with `make LLAMA_METAL=1` or `GGML_CUDA=1 make`. llama.cpp builds with CMake
+# only (its Makefile stops: "The Makefile build is deprecated. Use the CMake build instead."), and the backend
+# options are GGML_* (the Makefile said "LLAMA_CUBLAS is removed. Use GGML_CUDA instead."). Old → today's:
+RENAMED_BUILD_OPTIONS = {"LLAMA_CUDA": "GGML_CUDA", "LLAMA_CUBLAS": "GGML_CUDA", "GGML_CUDA": "GGML_CUDA",
+                         "LLAMA_METAL": "GGML_METAL", "GGML_METAL": "GGML_METAL",
+                         "LLAMA_HIPBLAS": "GGML_HIP", "GGML_HIPBLAS": "GGML_HIP", "LLAMA_HIP": "GGML_HIP",
+                         "LLAMA_VULKAN": "GGML_VULKAN", "LLAMA_SYCL": "GGML_SYCL", "LLAMA_RPC": "GGML_RPC",
+                         "LLAMA_BLAS": "GGML_BLAS", "LLAMA_OPENBLAS": "GGML_BLAS"}
+
+
+def modern_build_command(old: str) -> str:
+    """Today's command for an old llama.cpp build line: ``make`` with ``LLAMA_*``/``GGML_*`` variables becomes
+    CMake (targets kept), ``make clean`` a fresh build folder, and ``-DLLAMA_*`` options in ``cmake`` or in
+    llama-cpp-python's ``CMAKE_ARGS`` get their ``GGML_*`` names.
+
+    >>> modern_build_command("make LLAMA_METAL=1")
+    'cmake -B build -DGGML_METAL=ON && cmake --build build --config Release -j'
+    >>> modern_build_command("GGML_CUDA=1 make -j$(nproc) llama-server")
+    'cmake -B build -DGGML_CUDA=ON && cmake --build build --config Release -j --target llama-server'
+    >>> modern_build_command('CMAKE_ARGS="-DLLAMA_CUDA=on" pip install llama-cpp-python')
+    'CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python'
+    """
+    line = old.replace("\\", "").strip()      # markdown escapes (GGML\_CUDA) as pasted from a rendered page
+
+    def rename(m: re.Match) -> str:
+        return "-D" + RENAMED_BUILD_OPTIONS.get(m.group(1), m.group(1)) + "="
+    if "cmake" in line or "CMAKE_ARGS" in line:
+        return re.sub(r"-D(\w+)=", rename, line)
+    words = line.split()
+    if "make" not in words:
+        raise ValueError(f"not a make, cmake or CMAKE_ARGS build line: {old!r}")
+    if words[words.index("make") + 1:words.index("make") + 2] == ["clean"]:
+        return "rm -rf build"
+    options, targets = [], []
+    for word in words:
+        var, eq, value = word.partition("=")
+        if eq and var in RENAMED_BUILD_OPTIONS and value not in ("0", ""):
+            options.append(f"-D{RENAMED_BUILD_OPTIONS[var]}=ON")
+        elif not eq and word != "make" and not word.startswith("-"):
+            targets.append(word)
+    configure = " ".join(["cmake -B build", *dict.fromkeys(options)])
+    build = "cmake --build build --config Release -j" + "".join(f" --target {t}" for t in targets)
+    return f"{configure} && {build}"
+
+
+def documented_build_options() -> set[str]:
+    """The ``-D`` CMake options the installed llama-cpp-python's own README (its package metadata) uses in
+    its install commands: the spellings its pinned llama.cpp takes."""
+    meta = importlib.metadata.metadata("llama_cpp_python")
+    text = meta.get_payload() or meta.get("Description") or ""
+    return set(re.findall(r"-D(\w+)=", text))
+
+
+# ----------------------------------------------------------------------------- the programs' own parsers, a terminal (chapter 03)
+def parse_args(name: str, args: list[str]) -> tuple[bool, str]:
+    """The built program's own argument parser on ``args``: (accepted, its error line). ``--help`` goes first:
+    llama.cpp parses every argument after it (a bad flag or value exits 1 with ``error: ...``) and prints its
+    usage only after a clean parse (exit 0), so nothing is loaded."""
+    run_ = subprocess.run([str(program(name)), "--help", *args], capture_output=True, text=True, timeout=60, check=False)
+    if run_.returncode == 0:
+        return True, ""
+    errors = [line for line in (run_.stdout + run_.stderr).splitlines() if line.startswith("error")]
+    return False, errors[-1] if errors else f"{name} exited with code {run_.returncode}"
+
+
+def cli_chat(model, messages: list[str], *, n_predict: int = 32, threads: int | None = None,
+             timeout: float = 120) -> list[dict]:
+    """Chat with ``llama-cli`` as a person does, in a terminal (a pseudo-terminal, through pexpect): wait for
+    its ``>`` prompt, type each message, read the reply, then ``/exit``. Returns one row per turn: the message,
+    the reply and llama-cli's own speeds (``[ Prompt: … t/s | Generation: … t/s ]``)."""
+    import pexpect
+
+    from . import repack
+    from .env import usable_cores
+    argv = ["-m", str(model), "-n", str(n_predict), "-c", "2048", "-t", str(threads or usable_cores()),
+            "--color", "off", "--temp", "0", *repack.llama_server_args()]
+    child = pexpect.spawn(str(program("llama-cli")), argv, encoding="utf-8", timeout=timeout, dimensions=(40, 200))
+    turns = []
+    try:
+        child.expect(r"\n> ")
+        for message in messages:
+            child.sendline(message)
+            child.expect(r"\n> ")
+            text = child.before.replace("\r", "")
+            body = text.split(message, 1)[-1]
+            speeds = re.search(r"\[ Prompt: ([\d.]+) t/s \| Generation: ([\d.]+) t/s \]", body)
+            reply = body[:speeds.start()] if speeds else body
+            turns.append({"message": message, "reply": reply.strip(),
+                          "prompt t/s": float(speeds.group(1)) if speeds else None,
+                          "generation t/s": float(speeds.group(2)) if speeds else None})
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    return turns
+
+
 # ----------------------------------------------------------------------------- running the programs (chapter 01)
-def run(name: str, *args: str, timeout: float = 600) -> str:
-    """Run one of the programs; its combined output, or an error with the command and its last lines.
+def run(name: str, *args: str, timeout: float = 600, stdout_only: bool = False) -> str:
+    """Run one of the programs; its combined output (``stdout_only``: what it printed on stdout, e.g. the
+    text ``llama-completion`` generates, without its log), or an error with the command and its last lines.
 
     Programs that compute with a model get this machine's repacking rule (:mod:`labkit.repack`).
     """
     from . import repack
     argv = [str(program(name)), *map(str, args)]
-    if name in ("llama-imatrix", "llama-perplexity"):
+    if name in ("llama-imatrix", "llama-perplexity", "llama-completion", "llama-cli"):
         argv += repack.llama_server_args()      # the common --no-repack flag where repacking is off
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     text = out.stdout + out.stderr
     if out.returncode != 0:
         tail = "\n".join(text.splitlines()[-15:])
         raise RuntimeError(f"{name} failed (exit {out.returncode}): {' '.join(argv)}\n{tail}")
-    return text
+    return out.stdout if stdout_only else text
 
 
 def convert_hf(folder, outfile, outtype: str = "f16", timeout: float = 900) -> Path:

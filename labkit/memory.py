@@ -321,28 +321,48 @@ def llamacpp_allocation(path, n_ctx: int, kv_type: str = "f16", n_seq: int = 1) 
             "caches": len(caches), "compute_mib": float(compute), "model_mib": float(model_mib)}
 
 
-def measure_rss(path, n_ctx: int, n_prompt: int = 512, n_threads: int | None = None) -> dict:
+def measure_rss(path, n_ctx: int, n_prompt: int = 512, n_threads: int | None = None, *, use_mmap: bool = True,
+                use_mlock: bool = False, memlock_bytes: int | None = None) -> dict:
     """Resident memory added by loading ``path`` with ``n_ctx`` and processing a prompt, measured
-    in a fresh subprocess (so nothing else in this process distorts it). Bytes."""
+    in a fresh subprocess (so nothing else in this process distorts it). Bytes.
+
+    Also (chapter 03): ``load_s``; the process's memory after the prompt (:func:`labkit.env.process_memory`:
+    ``rss_anon`` private, ``rss_file`` mapped file pages, ``locked``), and llama.cpp's warnings about
+    mapping or locking. ``use_mmap``/``use_mlock`` are llama.cpp's loader options; ``memlock_bytes`` runs
+    the load under that ``ulimit -l`` (:func:`labkit.env.memlock_limited`)."""
     import json
     import subprocess
     import sys
+
+    from .env import memlock_limited
     code = f"""
-import json, psutil
+import json, sys, time, psutil
 import labkit  # applies labkit.repack (llama.cpp's AMX crash) before the model loads
+from labkit.env import process_memory
 from llama_cpp import Llama
 p = psutil.Process(); before = p.memory_info().rss
-llm = Llama(model_path={str(path)!r}, n_ctx={n_ctx}, n_batch=512, n_threads={n_threads!r}, verbose=False)
+t0 = time.perf_counter()
+llm = Llama(model_path={str(path)!r}, n_ctx={n_ctx}, n_batch=512, n_threads={n_threads!r}, use_mmap={use_mmap!r},
+            use_mlock={use_mlock!r}, verbose=True)
+load_s = time.perf_counter() - t0
 toks = (llm.tokenize(b"The keepers wrote down the weather at fixed hours. " * 200))[:{min(n_prompt, n_ctx - 8)}]
 llm.eval(toks)
 for _ in range(4):
     llm.eval([42])
-print(json.dumps({{"rss_delta": p.memory_info().rss - before}}))
+sys.stdout.flush()
+print(json.dumps({{"rss_delta": p.memory_info().rss - before, "load_s": load_s, **process_memory()}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    argv, preexec = [sys.executable, "-c", code], None
+    if memlock_bytes is not None:
+        argv, preexec = memlock_limited(argv, memlock_bytes)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, preexec_fn=preexec)
     if out.returncode != 0:
         raise RuntimeError(f"RSS measurement failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["warnings"] = [line.strip() for line in out.stderr.splitlines()
+                          if "mlock" in line.lower() or "mmap" in line.lower() and "warning" in line.lower()
+                          or "RLIMIT_MEMLOCK" in line]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,6 +61,24 @@ def test_chapter_02_catches_durations_reported_in_microseconds(tmp_path, monkeyp
 
 
 @pytest.mark.notebook
+def test_chapter_02_catches_a_server_that_ignores_ollama_num_parallel(tmp_path, monkeypatch):
+    mutation = (
+        "try:\n"
+        "    from labkit.ollama_lab import scheduler\n"
+        "except Exception:        # a process without labkit's server (e.g. the vLLM environment)\n"
+        "    pass\n"
+        "else:\n"
+        "    _right = scheduler.Scheduler.__init__\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        _right(self, *args, **kwargs)\n"
+        "        self.num_parallel = 1                        # OLLAMA_NUM_PARALLEL read, then ignored\n"
+        "    scheduler.Scheduler.__init__ = __init__\n")
+    result = run_mutated("02", mutation, tmp_path, monkeypatch, in_servers=True)
+    assert result.status == "failed", "chapter 02 passed with a server that answers one request at a time"
+    assert 'concurrency[2]["requests in flight at once"] == 2' in result.error, result.error
+
+
+@pytest.mark.notebook
 def test_chapter_05_catches_a_retriever_that_ranks_backwards(tmp_path, monkeypatch):
     mutation = (
         "from labkit import rag\n"

@@ -34,6 +34,24 @@ def test_fits_exercise(capsys):
     assert not check("07-fits", r.weights_bytes) and "weights alone" in capsys.readouterr().out
 
 
+def test_fits_exercise_grades_against_the_chapters_model(monkeypatch, capsys):
+    """Chapter 07 passes its model: the grader sizes that model, not SmolLM2 (a stand-in report, 1 GB + 2 GB)."""
+    from types import SimpleNamespace
+
+    from labkit import troubleshoot
+    asked = []
+
+    def fit_report(model, n_ctx, available_bytes):
+        asked.append((model, n_ctx))
+        return SimpleNamespace(weights_bytes=1e9, kv_bytes=2e9)
+    monkeypatch.setattr(troubleshoot, "fit_report", fit_report)
+    assert check("07-fits", 3e9, model="/models/other.gguf") and asked == [("/models/other.gguf", 32768)]
+    assert not check("07-fits", 1e9, model="/models/other.gguf") and "weights alone" in capsys.readouterr().out
+    assert check("07-fits", 3e9) and asked[-1] == ("smollm2", 32768)                # no model: the bundled one
+    with pytest.raises(TypeError, match="not about a chapter's model"):
+        check("06-decode-bound", 85, model="/models/other.gguf")
+
+
 def test_ngl_exercise(capsys):
     # Worked by hand from labkit's parts: (24e9 - reserve - compute buffer) // (layer weights + layer KV)
     est = memory.estimate("Qwen2.5-32B", "Q4_K_M", 32768)

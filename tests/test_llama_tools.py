@@ -120,3 +120,53 @@ def test_convert_lora_names_the_failure(tmp_path):
 def test_convert_lora_writes_an_adapter_gguf(lora_adapter_gguf, smollm2_path):
     from labkit import gguf
     assert gguf.check_lora_adapter(lora_adapter_gguf, smollm2_path)["rank"] == 4
+
+
+# The source documents' build lines (../shared/seeds 000, 003, 004), as a learner pastes them.
+SEED_BUILD_LINES = {
+    "LLAMA_METAL=1 make": "cmake -B build -DGGML_METAL=ON && cmake --build build --config Release -j",
+    "make LLAMA_CUDA=1": "cmake -B build -DGGML_CUDA=ON && cmake --build build --config Release -j",
+    "GGML\\_CUDA=1 make \\-j$(nproc) llama-server":
+        "cmake -B build -DGGML_CUDA=ON && cmake --build build --config Release -j --target llama-server",
+    "make -j": "cmake -B build && cmake --build build --config Release -j",
+    "make clean": "rm -rf build",
+    'CMAKE_ARGS="-DLLAMA_METAL=on" pip install llama-cpp-python': 'CMAKE_ARGS="-DGGML_METAL=on" pip install llama-cpp-python',
+    "cmake -B build -DGGML_CUDA=ON": "cmake -B build -DGGML_CUDA=ON",
+}
+
+
+@pytest.mark.parametrize("old,new", SEED_BUILD_LINES.items())
+def test_the_seeds_build_lines_become_todays_cmake(old, new):
+    assert llama_tools.modern_build_command(old) == new
+
+
+def test_a_line_that_is_not_a_build_is_refused():
+    with pytest.raises(ValueError, match="not a make"):
+        llama_tools.modern_build_command("ninja -C build")
+
+
+def test_todays_option_names_are_the_ones_the_pinned_bindings_document():
+    documented = llama_tools.documented_build_options()
+    assert {"GGML_CUDA", "GGML_METAL", "GGML_VULKAN"} <= documented
+    assert set(llama_tools.RENAMED_BUILD_OPTIONS.values()) <= documented
+    assert not {"LLAMA_CUDA", "LLAMA_METAL", "LLAMA_CUBLAS"} & documented
+
+
+def test_the_programs_own_parsers_judge_flags_without_loading_a_model(tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Hello")
+    assert llama_tools.parse_args("llama-completion", ["-m", "nowhere.gguf", "-f", str(prompt), "-no-cnv"]) == (True, "")
+    ok, error = llama_tools.parse_args("llama-completion", ["-f", str(tmp_path / "missing.txt")])   # -f reads the file
+    assert not ok and "missing.txt" in error
+    ok, error = llama_tools.parse_args("llama-cli", ["-m", "nowhere.gguf", "--no-such-flag"])
+    assert not ok and error == "error: invalid argument: --no-such-flag"
+    ok, error = llama_tools.parse_args("llama-server", ["--color"])        # a flag that now takes a value
+    assert not ok and "--color" in error
+
+
+@pytest.mark.full
+@pytest.mark.engine
+def test_llama_cli_answers_two_turns_in_a_terminal_and_exits(smollm2_path):
+    turns = llama_tools.cli_chat(smollm2_path, ["Name a colour.", "Another one?"], n_predict=8, threads=1)
+    assert [t["message"] for t in turns] == ["Name a colour.", "Another one?"]
+    assert all(t["reply"] and "Name a colour." not in t["reply"] and t["generation t/s"] > 0 for t in turns), turns

@@ -191,3 +191,34 @@ def test_every_published_preset_is_above_its_base_block_type():
         memory.block_type_bits("Q4_K_M")                 # a preset, not a block type
     with pytest.raises(ValueError, match="Unknown quantization"):
         memory.bits_per_weight("MXFP4_MOE")              # no published average: chapter 00 says so
+
+
+def test_memlock_limited_holds_the_command_to_the_limit_even_as_root():
+    """mlock of 16 MiB under an 8 MiB ``ulimit -l`` fails in the child, whoever runs the test (root is
+    exempt unless the capability is dropped, which memlock_limited does)."""
+    import subprocess
+    import sys
+
+    from labkit.env import memlock_limited
+    probe = ("import ctypes, ctypes.util, mmap, resource\n"
+             "libc = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)\n"
+             "buf = mmap.mmap(-1, 16 << 20)\n"
+             "addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))\n"
+             "print(resource.getrlimit(resource.RLIMIT_MEMLOCK)[0], libc.mlock(ctypes.c_void_p(addr), 16 << 20))\n")
+    argv, limit = memlock_limited([sys.executable, "-c", probe], 8 << 20)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, preexec_fn=limit, check=True)
+    soft, result = out.stdout.split()
+    assert int(soft) == 8 << 20 and int(result) == -1, out.stdout       # the limit is set, and it bites
+
+
+@pytest.mark.full
+@pytest.mark.engine
+def test_mmap_keeps_weights_in_file_pages_and_a_failed_mlock_only_warns(smollm2_path):
+    size = smollm2_path.stat().st_size
+    mapped = memory.measure_rss(smollm2_path, 256, n_prompt=16, n_threads=1)
+    copied = memory.measure_rss(smollm2_path, 256, n_prompt=16, n_threads=1, use_mmap=False)
+    limited = memory.measure_rss(smollm2_path, 256, n_prompt=16, n_threads=1, use_mlock=True, memlock_bytes=8 << 20)
+    if mapped["rss_file"] is None:
+        pytest.skip("no /proc/self/status here (not Linux)")
+    assert mapped["rss_file"] > 0.8 * size and copied["rss_anon"] - mapped["rss_anon"] > 0.8 * size
+    assert limited["locked"] == 0 and any("failed to mlock" in w for w in limited["warnings"]), limited

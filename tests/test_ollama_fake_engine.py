@@ -179,3 +179,22 @@ def test_an_image_to_the_text_only_model_is_a_400_on_every_route(fake, http, str
         else:
             assert r.json() == {"error": TEXT_ONLY}
     assert len(fake.factory.calls) == calls        # refused before the engine was asked anything
+
+
+@pytest.mark.full
+@pytest.mark.engine
+def test_the_real_sentence_embedder_leaves_llama_cpp_the_cores():
+    """torch's OpenMP threads next to llama.cpp's in the stand-in made every later generation ~2.5x slower:
+    the real factory loads sentence-transformers with one torch thread."""
+    import subprocess
+    import sys
+    probe = ("import torch\n"
+             "from labkit import models\n"
+             "from labkit.ollama_lab.engine import llama_cpp_engine\n"
+             "from labkit.ollama_lab.store import Manifest\n"
+             "before = torch.get_num_threads()\n"
+             "embedder = llama_cpp_engine(Manifest('all-minilm:latest', 'sentence-transformers', str(models.get('minilm'))), {})\n"
+             "print(before, torch.get_num_threads(), len(embedder.encode(['a'])[0]))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    before, after, dims = map(int, out.stdout.split()[-3:])
+    assert after == 1 and dims == 384, out.stdout
