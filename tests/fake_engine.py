@@ -139,6 +139,7 @@ class Call:
     reset: bool
     script: Script
     yielded: int = 0          # tokens produced so far (a cancelled generation stops counting)
+    threads: list[str] = field(default_factory=list)    # the name of the thread that produced each token
 
 
 class Vocab:
@@ -256,6 +257,7 @@ class FakeEngine:
                 raise RuntimeError(item.message)
             self._last = EOS if item == EOS_TEXT else self.factory.vocab.id_of(item)
             call.yielded += 1
+            call.threads.append(threading.current_thread().name)
             yield self._last
             if self._last == EOS:
                 return

@@ -14,12 +14,11 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from .. import modelfile as mf
-from ..cancellable import cancellable_stream, drain
+from ..cancellable import cancellable_stream, drain, in_fresh_thread
 from .create import execute_create, plan_create
 from .errors import APIError, error_body, not_found
 from .inference import Done, Piece, embed_vectors, generation, load_or_unload
@@ -97,7 +96,7 @@ async def respond(service: Service, request: Request, kind: Kind, body: dict, ma
     name = manifest.name
     if stream_flag(body):
         gen = generation(service, kind, body, manifest, t0, payload)
-        first = await run_in_threadpool(lambda: next(gen, None))   # errors before streaming → status code
+        first = await in_fresh_thread(lambda: next(gen, None))   # errors before streaming → status code
 
         def rest():
             if first is not None:
@@ -128,7 +127,7 @@ async def generate(service: Service, request: Request, t0: int):
     if body.get("suffix"):
         raise APIError(400, f"\"{manifest.name}\" does not support insert (suffix)")
     if not prompt and not body.get("context"):
-        return JSONResponse(await run_in_threadpool(load_or_unload, service, "generate", body, manifest))
+        return JSONResponse(await in_fresh_thread(load_or_unload, service, "generate", body, manifest))
     return await respond(service, request, "generate", body, manifest, t0, prompt or "")
 
 
@@ -141,7 +140,7 @@ async def chat(service: Service, request: Request, t0: int):
     if not isinstance(messages, list) or not all(isinstance(x, dict) for x in messages):
         raise APIError(400, "messages must be a list of {\"role\": ..., \"content\": ...} objects")
     if not messages:
-        return JSONResponse(await run_in_threadpool(load_or_unload, service, "chat", body, manifest))
+        return JSONResponse(await in_fresh_thread(load_or_unload, service, "chat", body, manifest))
     clean = [chat_message(x, i) for i, x in enumerate(messages)]
     history = list(manifest.messages)
     if manifest.system and not any(x["role"] == "system" for x in clean + history):
@@ -183,7 +182,7 @@ async def embed(service: Service, request: Request, t0: int):
     if dims is not None and (not isinstance(dims, int) or dims <= 0):
         raise APIError(400, "dimensions must be a positive integer")
     truncate = body.get("truncate", True) is not False
-    vecs, n, load_ns = await run_in_threadpool(embed_vectors, service, manifest, inputs, body, normalize=True,
+    vecs, n, load_ns = await in_fresh_thread(embed_vectors, service, manifest, inputs, body, normalize=True,
                                                truncate=truncate, dims=dims)
     return JSONResponse(EmbedResponse(model=manifest.name, embeddings=vecs, total_duration=time.perf_counter_ns() - t0,
                                       load_duration=load_ns, prompt_eval_count=n))
@@ -197,7 +196,7 @@ async def embeddings_legacy(service: Service, request: Request, t0: int):
         raise APIError(400, "prompt must be a string")
     if not prompt:
         return JSONResponse({"embedding": []})
-    vecs, _, _ = await run_in_threadpool(embed_vectors, service, manifest, [prompt], body, normalize=False,
+    vecs, _, _ = await in_fresh_thread(embed_vectors, service, manifest, [prompt], body, normalize=False,
                                          truncate=True, dims=None)
     return JSONResponse({"embedding": vecs[0]})
 
@@ -307,7 +306,7 @@ async def blob(service: Service, request: Request, t0: int):
 
 async def create(service: Service, request: Request, t0: int):
     body = await body_of(request)
-    plan = await run_in_threadpool(plan_create, service, body)
+    plan = await in_fresh_thread(plan_create, service, body)
     if stream_flag(body):
         return ndjson(execute_create(service, plan))
 
@@ -315,7 +314,7 @@ async def create(service: Service, request: Request, t0: int):
         for _ in execute_create(service, plan):
             pass
         return {"status": "success"}
-    return JSONResponse(await run_in_threadpool(whole))
+    return JSONResponse(await in_fresh_thread(whole))
 
 
 async def page_not_found(request: Request, exc) -> PlainTextResponse:

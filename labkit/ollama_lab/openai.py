@@ -15,11 +15,10 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ..cancellable import cancellable_stream, drain
+from ..cancellable import cancellable_stream, drain, in_fresh_thread
 from .errors import APIError, error_body
 from .inference import Done, Piece, embed_vectors, generation
 from .native import body_of
@@ -288,7 +287,7 @@ async def oai_generate(service: Service, request: Request, t0: int, kind: str):
 
     if ob["stream"]:
         gen = generation(service, gkind, ob, manifest, t0, payload)
-        first = await run_in_threadpool(lambda: next(gen, None))
+        first = await in_fresh_thread(lambda: next(gen, None))
         items = events(kind, cid, created, obj, manifest.name, include_usage, first, gen)
         return cancellable_stream(sse(items), "text/event-stream", closes=(gen,), headers=headers)
 
@@ -330,7 +329,7 @@ async def v1_embeddings(service: Service, request: Request, t0: int):
     else:
         raise APIError(400, "invalid input: a string or a non-empty list of strings")
     dims = body.get("dimensions")
-    vecs, n, _ = await run_in_threadpool(embed_vectors, service, manifest, inputs, {}, normalize=True,
+    vecs, n, _ = await in_fresh_thread(embed_vectors, service, manifest, inputs, {}, normalize=True,
                                          truncate=True, dims=dims if isinstance(dims, int) and dims > 0 else None)
     b64 = body.get("encoding_format") == "base64"
     data = [{"object": "embedding", "index": i,

@@ -19,11 +19,10 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ..cancellable import cancellable_stream, drain
+from ..cancellable import cancellable_stream, drain, in_fresh_thread
 from .errors import APIError, error_body
 from .inference import Done, Piece, generation
 from .native import body_of
@@ -240,7 +239,7 @@ async def v1_responses(service: Service, request: Request, t0: int):
     builder = ResponseBuilder(body, manifest.name)
     if ob["stream"]:
         gen = generation(service, "chat", ob, manifest, t0, messages)
-        first = await run_in_threadpool(lambda: next(gen, None))    # errors before streaming → status code
+        first = await in_fresh_thread(lambda: next(gen, None))    # errors before streaming → status code
 
         def items():
             if first is not None:
