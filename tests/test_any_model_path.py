@@ -87,6 +87,7 @@ def test_missing_or_foreign_part_is_named(split_model, tmp_path):
         gguf.read_header(mixed / split_model[0].name)
 
 
+@pytest.mark.full     # make test-full also runs chapters 00 and 03 from a Japanese folder in make test
 def test_paths_with_spaces_and_japanese(tmp_path, smollm2_path):
     from llama_cpp import Llama
     folder = tmp_path / "モデル フォルダ" / "my models"

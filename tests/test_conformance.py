@@ -51,6 +51,7 @@ def test_a_server_that_ignores_every_field_is_reported_as_ignoring_it():
     assert "4 completion tokens for a limit of 3" in rows[0]["detail"] and "injected 503" in rows[-1]["detail"]
 
 
+@pytest.mark.full     # chapter 03 (10d) measures the same in make test
 def test_llama_cpp_python_server_as_measured_in_chapter_03():
     """If this starts failing, llama-cpp-python changed: update chapter 03's table text (and
     rag.chat_model's workarounds)."""
@@ -67,6 +68,7 @@ def test_llama_cpp_python_server_as_measured_in_chapter_03():
         assert "--clip_model_path" in body["error"]["message"] and body["error"]["param"] == "messages[0].content[1]"
 
 
+@pytest.mark.full     # chapter 03 (10d) measures the same in make test
 def test_llama_server_as_measured_in_chapter_03():
     from labkit import toolcall
     from labkit.notebook import _llama_server_need, _skip_reason

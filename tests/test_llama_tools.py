@@ -87,6 +87,7 @@ def test_llama_server_cell_runs_skips_or_demands(monkeypatch, tmp_path, capsys):
         notebook.run_llama_server_cell("x = 1", ns)
 
 
+@pytest.mark.full     # chapter 03 (10c) builds the table in make test
 @needs_programs
 def test_speculation_table_reads_draft_counters_and_keeps_the_text(smollm2_path):
     """n-gram lookup on a copying task drafts and accepts tokens; the greedy text stays plain decoding's."""

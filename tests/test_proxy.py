@@ -148,6 +148,7 @@ def test_nginx_t_rejects_limit_req_zone_inside_server_and_accepts_it_in_http(ngi
     assert "test is successful" in message
 
 
+@pytest.mark.full     # chapter 08 measures both policies in make test
 def test_round_robin_takes_turns_and_least_conn_avoids_a_busy_backend(nginx, backends):
     with proxy.start_nginx(backends.values(), balance="round_robin") as px:
         hits = [get(px.base_url + "/v1/models").json()["backend"] for _ in range(10)]
@@ -163,6 +164,7 @@ def test_round_robin_takes_turns_and_least_conn_avoids_a_busy_backend(nginx, bac
         assert avoided == expect_busy_avoided, (balance, busy, quick)
 
 
+@pytest.mark.full     # chapter 08 measures limit_req in make test
 def test_limit_req_answers_429_above_the_rate_and_never_below(nginx, backends):
     with proxy.start_nginx(backends.values(), rate="5r/s", burst=2) as px:
         below = []

@@ -69,6 +69,7 @@ def test_dequantize_matches_llamacpp_and_gguf(qtype):
     assert np.array_equal(ours, theirs)
 
 
+@pytest.mark.full     # chapter 01 checks bit-exactness on the bundled file in make test
 def test_real_tensors_from_bundled_file(smollm2_path):
     """Every quantized tensor type in the packaged model decodes exactly as llama.cpp decodes it."""
     from gguf import GGUFReader
@@ -291,6 +292,7 @@ def test_calibrated_quantizers_reject_bad_input():
         quant.gptq_quantize(W, np.full((3, 128), np.inf))
 
 
+@pytest.mark.full     # chapter 01 records the activations in make test
 def test_activation_recorder_captures_the_real_layer_inputs():
     from gguf import GGUFReader
 

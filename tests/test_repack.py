@@ -109,6 +109,7 @@ EVERY_PATH = """
 """
 
 
+@pytest.mark.full     # every chapter runs multi-token prompts on these engines in make test
 def test_multi_token_prompts_run_on_every_engine_path():
     out = _child(EVERY_PATH, timeout=600)
     assert out.returncode == 0, _describe(out)

@@ -206,6 +206,7 @@ def test_engine_offloads_to_the_device_and_its_account_says_so(device):
         assert (p.offloaded, p.on_device, p.fully_offloaded) == (10, True, False), p
 
 
+@pytest.mark.full     # chapter 01 (6c) caps the device and checks the fit in make test
 @pytest.mark.engine
 @needs_rpc
 def test_a_capped_device_gets_a_partial_offload_and_gpu_only_refuses_it(device):

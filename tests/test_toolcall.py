@@ -54,6 +54,7 @@ def test_template_check_and_the_chatml_tool_template():
 
 
 # --------------------------------------------------------------------------- real engines
+@pytest.mark.full     # chapter 09 runs the tool-call cases on both engines in make test
 def test_llama_cpp_python_with_chatml_function_calling():
     """llama-cpp-python's chatml-function-calling: grammar-picked tool names, replies turned into
     tool_calls; tool_choice="required" is not supported (HTTP 500, recorded, not raised)."""
@@ -67,6 +68,7 @@ def test_llama_cpp_python_with_chatml_function_calling():
     assert required[0].error.startswith("HTTP 500") and not required[0].called
 
 
+@pytest.mark.full     # chapter 09 runs the tool-call cases on both engines in make test
 def test_llama_server_needs_a_template_that_shows_the_tools():
     """llama-server renders the model's own template: SmolLM2's leaves the tools out of the prompt
     (same prompt length with and without them); a ChatML template with a tool section puts them in."""

@@ -1,3 +1,5 @@
+import pytest
+
 from labkit import memory
 from labkit.widgets import memory_calculator
 
@@ -27,6 +29,7 @@ def test_memory_calculator_takes_a_gguf_file_and_lists_what_fits():
     assert "none of the listed devices" in box.result.value    # 141 GB of weights
 
 
+@pytest.mark.full     # chapter 01 runs the quant explorer in make test
 def test_quant_explorer_measures_the_chosen_tensor_and_refuses_misfit_k_quants():
     import numpy as np
     from gguf import GGUFReader
