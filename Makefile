@@ -32,7 +32,7 @@ lab: setup
 # The suite people run often: lint, unit tests (fakes and fixtures; a few real engines, one server per
 # session) and every chapter executed once. Ends with the 25 slowest tests and the chapters' time table.
 test: setup lint
-	.venv/bin/python -m pytest -q -ra -m "not full" --durations=25 tests
+	.venv/bin/python -m pytest -q -ra -m "not full" --durations=25 labkit tests   # labkit: the helpers' doctests
 
 # Everything slower (tests/README.md says what and when): every chapter's mutation run, the split-model
 # and Japanese-path runs, the browser, langchain-tests, the real-engine suites, vLLM's server.

@@ -22,7 +22,12 @@ class PortInUseError(LabkitError, OSError):
 
 
 class ServerStartError(LabkitError, RuntimeError):
-    """A managed server died or never became ready; the message carries its log tail."""
+    """A managed server died or never became ready; the message carries its log tail, ``log_path`` the
+    whole log (a root cause may sit above the tail, e.g. vLLM's engine process's error)."""
+
+    def __init__(self, message: str, log_path=None):
+        super().__init__(message)
+        self.log_path = log_path
 
 
 class GPURequiredError(LabkitError, RuntimeError):

@@ -543,13 +543,13 @@ def _start(engine, name, host, port, api_key, argv, extra_env, ready_path, timeo
             if proc.poll() is not None:
                 raise ServerStartError(
                     f"The {engine} server exited with code {proc.returncode} while starting. "
-                    f"Last {LOG_TAIL_LINES} log lines ({log_name}):\n{srv.logs()}")
+                    f"Last {LOG_TAIL_LINES} log lines ({log_name}):\n{srv.logs()}", log_path=Path(log_name))
             if _ready(url, api_key) if ready_path else accepts(host, port):
                 break
             if time.monotonic() - t0 > timeout:
                 raise ServerStartError(
                     f"The {engine} server did not answer {url} within {timeout:.0f} s. "
-                    f"Last {LOG_TAIL_LINES} log lines ({log_name}):\n{srv.logs()}")
+                    f"Last {LOG_TAIL_LINES} log lines ({log_name}):\n{srv.logs()}", log_path=Path(log_name))
             time.sleep(0.2)
     except BaseException:  # includes KeyboardInterrupt from a learner's "stop" button
         srv.stop()

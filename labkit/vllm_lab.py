@@ -93,11 +93,59 @@ def kv_capacity_tokens(hf_config: dict, per_token_bytes: float, kv_space_bytes: 
     >>> kv_capacity_tokens(cfg, 23040, 2**30, 2048)            # 1 GiB ÷ 23,040 B = 46,603 tokens
     46600
     """
+    types, pool = _layer_blocks(hf_config, per_token_bytes, kv_space_bytes, block_size)
+    return int(pool / _blocks_per_request(types, max_model_len, block_size) * max_model_len)
+
+
+def _layer_blocks(hf_config: dict, per_token_bytes: float, kv_space_bytes: float, block_size: int) -> tuple[list, int]:
+    """(each layer's attention type, how many one-layer blocks the KV space holds)."""
     types = hf_config.get("layer_types") or ["full_attention"] * hf_config["num_hidden_layers"]
+    return types, int(kv_space_bytes // (block_size * per_token_bytes / len(types)))
+
+
+def _blocks_per_request(types: list, max_model_len: int, block_size: int) -> int:
     full = -(-max_model_len // block_size)
-    per_request = sum(full + 1 if t == "sliding_attention" else full for t in types)
-    pool = int(kv_space_bytes // (block_size * per_token_bytes / len(types)))      # one layer's blocks
-    return int(pool / per_request * max_model_len)
+    return sum(full + 1 if t == "sliding_attention" else full for t in types)
+
+
+def max_model_len_that_fits(hf_config: dict, per_token_bytes: float, kv_space_bytes: float,
+                            block_size: int = CPU_BLOCK_SIZE) -> int:
+    """The longest ``max_model_len`` whose one request fits the KV space (chapter 04): what vLLM's refusal
+    at start-up calls "the estimated maximum model length" (vllm/v1/core/kv_cache_utils.py,
+    ``estimate_max_model_len``: a binary search over the blocks one request needs). Exact for
+    full-attention layers; a sliding-window layer is counted as :func:`kv_capacity_tokens` counts it.
+
+    >>> max_model_len_that_fits({"num_hidden_layers": 30}, 23040, 2**30)   # SmolLM2, 1 GiB: 364 blocks of 128
+    46592
+    """
+    types, pool = _layer_blocks(hf_config, per_token_bytes, kv_space_bytes, block_size)
+    low, high = 0, pool * block_size
+    while low < high:                                  # the largest length whose blocks fit the pool
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _blocks_per_request(types, mid, block_size) <= pool else (low, mid - 1)
+    return low
+
+
+_KV_REFUSAL = re.compile(r"max seq len \((\d+)\), \(([\d.]+) GiB KV cache is needed, which is larger than the available "
+                         r"KV cache memory \(([\d.]+) GiB\)\.(?: Based on the available memory, the estimated maximum "
+                         r"model length is (\d+)\.)?")
+
+
+def kv_refusal(log_text: str) -> dict | None:
+    """vLLM's start-up refusal when one request of ``max_model_len`` tokens cannot fit the KV cache, read
+    from its log: the length asked for, the GiB needed and available, and vLLM's estimate of the longest
+    that fits (None when the log has no such refusal).
+
+    >>> kv_refusal("ValueError: To serve at least one request with the model's max seq len (93184), (2.00 GiB KV "
+    ...            "cache is needed, which is larger than the available KV cache memory (1.00 GiB). Based on the "
+    ...            "available memory, the estimated maximum model length is 46592. Try increasing ...")
+    {'max_model_len': 93184, 'needed_gib': 2.0, 'available_gib': 1.0, 'estimated_max_len': 46592}
+    """
+    m = _KV_REFUSAL.search(" ".join(log_text.split()))
+    if not m:
+        return None
+    return {"max_model_len": int(m.group(1)), "needed_gib": float(m.group(2)), "available_gib": float(m.group(3)),
+            "estimated_max_len": int(m.group(4)) if m.group(4) else None}
 
 
 def vllm_children() -> list:

@@ -72,3 +72,21 @@ def test_serve_vllm_start_chat_metrics_stop():
     assert port_is_free(port)
     assert not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "vllm_dist_*"))) <= dist_before
+
+
+@pytest.mark.full      # two vLLM starts (~1 min); chapter 04 predicts in make test and runs this in its full tier
+@pytest.mark.engine
+def test_a_max_model_len_the_kv_cache_cannot_hold_is_refused_and_vllms_estimate_starts(monkeypatch):
+    import json
+    hf_config = json.loads((models.hf_folder("smollm2") / "config.json").read_text())
+    per_token = memory.from_gguf(models.get("smollm2")).kv_cache_bytes(1, cache_type="bf16")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    predicted = vllm_lab.max_model_len_that_fits(hf_config, per_token, 2**30)
+    with pytest.raises(labkit.ServerStartError) as refused:
+        labkit.serve("vllm", "smollm2", max_model_len=2 * predicted).stop()
+    refusal = vllm_lab.kv_refusal(refused.value.log_path.read_text(errors="replace"))
+    assert refusal["max_model_len"] == 2 * predicted and refusal["needed_gib"] > refusal["available_gib"], refusal
+    assert abs(refusal["estimated_max_len"] - predicted) <= vllm_lab.CPU_BLOCK_SIZE, (refusal, predicted)
+    with labkit.serve("vllm", "smollm2", max_model_len=refusal["estimated_max_len"]) as fitted:
+        assert vllm_lab.kv_cache_tokens(fitted.logs(2000)) >= refusal["estimated_max_len"]
