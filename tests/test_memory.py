@@ -221,4 +221,4 @@ def test_mmap_keeps_weights_in_file_pages_and_a_failed_mlock_only_warns(smollm2_
     if mapped["rss_file"] is None:
         pytest.skip("no /proc/self/status here (not Linux)")
     assert mapped["rss_file"] > 0.8 * size and copied["rss_anon"] - mapped["rss_anon"] > 0.8 * size
-    assert limited["locked"] == 0 and any("failed to mlock" in w for w in limited["warnings"]), limited
+    assert limited["locked"] <= 8 << 20 and any("failed to mlock" in w for w in limited["warnings"]), limited
