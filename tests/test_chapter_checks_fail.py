@@ -27,6 +27,14 @@ def run_mutated(chapter: str, mutation: str, tmp_path, monkeypatch, *, in_server
     return runner.execute(NOTEBOOKS[chapter], tier="ci", out_dir=tmp_path / "build", html=False)
 
 
+def in_ollama_server(modules: str, body: str) -> str:
+    """A mutation of labkit's Ollama-compatible server (``from labkit.ollama_lab import MODULES``, then
+    ``body``), applied only in the processes that have that server (not, e.g., the vLLM environment)."""
+    indented = "".join(f"    {line}\n" for line in body.splitlines())
+    return (f"try:\n    from labkit.ollama_lab import {modules}\n"
+            f"except Exception:        # a process without labkit's server\n    pass\nelse:\n{indented}")
+
+
 @pytest.mark.notebook
 def test_chapter_00_catches_a_kv_formula_that_forgets_the_values(tmp_path, monkeypatch):
     mutation = (
@@ -42,19 +50,15 @@ def test_chapter_00_catches_a_kv_formula_that_forgets_the_values(tmp_path, monke
 
 @pytest.mark.notebook
 def test_chapter_02_catches_durations_reported_in_microseconds(tmp_path, monkeypatch):
-    mutation = (
-        "try:\n"
-        "    from labkit.ollama_lab import inference, native\n"
-        "except Exception:        # a process without labkit's server (e.g. the vLLM environment)\n"
-        "    pass\n"
-        "else:\n"
-        "    _right = native.generation\n"
-        "    def generation(*args, **kwargs):\n"
-        "        for event in _right(*args, **kwargs):\n"
-        "            if isinstance(event, inference.Done):     # Ollama's durations are ns; these become µs\n"
-        "                event.stats.update({k: v // 1000 for k, v in event.stats.items() if k.endswith('_duration')})\n"
-        "            yield event\n"
-        "    native.generation = generation\n")
+    mutation = in_ollama_server(
+        "inference, native",
+        "_right = native.generation\n"
+        "def generation(*args, **kwargs):\n"
+        "    for event in _right(*args, **kwargs):\n"
+        "        if isinstance(event, inference.Done):     # Ollama's durations are ns; these become µs\n"
+        "            event.stats.update({k: v // 1000 for k, v in event.stats.items() if k.endswith('_duration')})\n"
+        "        yield event\n"
+        "native.generation = generation\n")
     result = run_mutated("02", mutation, tmp_path, monkeypatch, in_servers=True)
     assert result.status == "failed", "chapter 02 passed with durations in microseconds"
     assert 'r["total_duration"] / 1e9 - wall_s' in result.error, result.error
@@ -62,17 +66,13 @@ def test_chapter_02_catches_durations_reported_in_microseconds(tmp_path, monkeyp
 
 @pytest.mark.notebook
 def test_chapter_02_catches_a_server_that_ignores_ollama_num_parallel(tmp_path, monkeypatch):
-    mutation = (
-        "try:\n"
-        "    from labkit.ollama_lab import scheduler\n"
-        "except Exception:        # a process without labkit's server (e.g. the vLLM environment)\n"
-        "    pass\n"
-        "else:\n"
-        "    _right = scheduler.Scheduler.__init__\n"
-        "    def __init__(self, *args, **kwargs):\n"
-        "        _right(self, *args, **kwargs)\n"
-        "        self.num_parallel = 1                        # OLLAMA_NUM_PARALLEL read, then ignored\n"
-        "    scheduler.Scheduler.__init__ = __init__\n")
+    mutation = in_ollama_server(
+        "scheduler",
+        "_right = scheduler.Scheduler.__init__\n"
+        "def __init__(self, *args, **kwargs):\n"
+        "    _right(self, *args, **kwargs)\n"
+        "    self.num_parallel = 1                        # OLLAMA_NUM_PARALLEL read, then ignored\n"
+        "scheduler.Scheduler.__init__ = __init__\n")
     result = run_mutated("02", mutation, tmp_path, monkeypatch, in_servers=True)
     assert result.status == "failed", "chapter 02 passed with a server that answers one request at a time"
     assert 'concurrency[2]["requests in flight at once"] == 2' in result.error, result.error
