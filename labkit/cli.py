@@ -7,6 +7,7 @@
                                   [--update-references]  (rewrite the nbval-check-output cells from this run)
     labkit bench --engine E [--model M]                  TTFT / ITL / tokens/s, saved as JSON + CSV
     labkit hardware                                      the hardware probe as a table (--json for JSON)
+    labkit syllabus [--summary build/summary.json]       each chapter's teaching time: reading, code, exercises, run
     labkit mcp [--transport stdio|http] [--port P] [--token T] [--backend NAME=URL[,MODEL]]...
                                                          the MCP server in front of the engines (chapter 09);
                                                          no --backend: it starts the bundled model on llama.cpp
@@ -120,6 +121,18 @@ def cmd_hardware(args) -> int:
     return 0
 
 
+def cmd_syllabus(args) -> int:
+    from . import syllabus
+    rows = syllabus.table(summary=Path(args.summary))
+    print(f"{'chapter':22} {'words':>6} {'code':>5} {'exer.':>5} {'run s':>6} {'minutes':>7}")
+    for r in rows:
+        flag = "  over a 90-minute slot" if r.minutes > syllabus.WORKSHOP_SLOT_MIN[1] else ""
+        print(f"{r.chapter:22} {r.words:6d} {r.code_lines:5d} {r.exercises:5d} {r.run_s:6.0f}{'' if r.run_source == 'measured' else '*'}"
+              f" {r.minutes:7.0f}{flag}")
+    print(f"rates: {syllabus.RATES}; * = budget, no measured run in {args.summary}")
+    return 0
+
+
 def cmd_mcp(args) -> int:
     from . import mcp_server
     try:
@@ -172,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hardware", help="print the hardware probe")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_hardware)
+    p = sub.add_parser("syllabus", help="each chapter's teaching time (reading, code, exercises, measured run)")
+    p.add_argument("--summary", default=str(REPO_ROOT / "build" / "summary.json"), help="a labkit run's summary.json")
+    p.set_defaults(func=cmd_syllabus)
     from .mcp_server import add_arguments as mcp_arguments  # argparse only: the MCP SDK loads when the command runs
     p = sub.add_parser("mcp", help="run the MCP server (stdio or Streamable HTTP) in front of the engines")
     mcp_arguments(p)

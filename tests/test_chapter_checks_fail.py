@@ -150,6 +150,20 @@ def test_chapter_01_catches_an_offload_prediction_with_the_output_layer_last(tmp
 
 
 @pytest.mark.notebook
+def test_chapter_03_catches_a_helper_that_drops_the_per_call_seed(tmp_path, monkeypatch):
+    mutation = (
+        "from labkit import llamacpp_lab\n"
+        "_right = llamacpp_lab.create\n"
+        "def create(llm, request, **kw):\n"
+        "    kw.pop('seed', None)          # the seed never reaches llama.cpp: each call draws a fresh one\n"
+        "    return _right(llm, request, **kw)\n"
+        "llamacpp_lab.create = create\n")
+    result = run_mutated("03", mutation, tmp_path, monkeypatch)
+    assert result.status == "failed", "chapter 03 passed with sampling that ignores the seed it is given"
+    assert "by_seed[0] == by_seed[1]" in result.error, result.error      # the fixed-seed table's check
+
+
+@pytest.mark.notebook
 def test_chapter_04_catches_a_kv_formula_twice_too_large(tmp_path, monkeypatch):
     result = run_mutated("04", KV_DOUBLED, tmp_path, monkeypatch)
     assert result.status == "failed", "chapter 04 passed with a KV-cache formula twice the right size"

@@ -19,7 +19,7 @@ LAYERS = {
         "router", "fault_api", "toolcall", "mcp_server", "finetune", "check", "colab"},
     # on top; with them the old names kept for one release (labkit.eval, labkit.llamacpp, labkit.ollama_compat),
     # which alias modules of lower layers
-    5: {"cli", "doctor", "runner", "notebook", "widgets", "eval", "llamacpp", "ollama_compat"},
+    5: {"cli", "doctor", "runner", "notebook", "widgets", "syllabus", "eval", "llamacpp", "ollama_compat"},
 }
 
 
