@@ -121,15 +121,29 @@ def cmd_hardware(args) -> int:
     return 0
 
 
+def runner_path(stem: str) -> Path:
+    from . import runner
+    return next(p for p in runner.discover() if p.stem == stem)
+
+
+def _if_exists(path: Path) -> Path | None:
+    return path if path.exists() else None
+
+
 def cmd_syllabus(args) -> int:
     from . import syllabus
     rows = syllabus.table(summary=Path(args.summary))
-    print(f"{'chapter':22} {'words':>6} {'code':>5} {'exer.':>5} {'run s':>6} {'minutes':>7}")
+    if args.parts:
+        executed = Path(args.summary).parent
+        rows = [part for r in rows for part in (
+            syllabus.parts(runner_path(r.chapter), syllabus.SEAMS[r.chapter[:2]], _if_exists(executed / f"{r.chapter}.ipynb"))
+            if r.chapter[:2] in syllabus.SEAMS else [r])]
+    print(f"{'chapter':26} {'words':>6} {'code':>5} {'exer.':>5} {'run s':>6} {'minutes':>7}")
     for r in rows:
         flag = "  over a 90-minute slot" if r.minutes > syllabus.WORKSHOP_SLOT_MIN[1] else ""
-        print(f"{r.chapter:22} {r.words:6d} {r.code_lines:5d} {r.exercises:5d} {r.run_s:6.0f}{'' if r.run_source == 'measured' else '*'}"
+        print(f"{r.chapter:26} {r.words:6d} {r.code_lines:5d} {r.exercises:5d} {r.run_s:6.0f}{'' if r.run_source == 'measured' else '*'}"
               f" {r.minutes:7.0f}{flag}")
-    print(f"rates: {syllabus.RATES}; * = budget, no measured run in {args.summary}")
+    print(f"rates: {syllabus.RATES}; * = budget or no executed copy, no measured run in {args.summary}")
     return 0
 
 
@@ -187,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_hardware)
     p = sub.add_parser("syllabus", help="each chapter's teaching time (reading, code, exercises, measured run)")
     p.add_argument("--summary", default=str(REPO_ROOT / "build" / "summary.json"), help="a labkit run's summary.json")
+    p.add_argument("--parts", action="store_true", help="split the long chapters at labkit.syllabus.SEAMS")
     p.set_defaults(func=cmd_syllabus)
     from .mcp_server import add_arguments as mcp_arguments  # argparse only: the MCP SDK loads when the command runs
     p = sub.add_parser("mcp", help="run the MCP server (stdio or Streamable HTTP) in front of the engines")

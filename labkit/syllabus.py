@@ -36,6 +36,14 @@ from pathlib import Path
 
 from . import runner
 
+# Where the chapters longer than a workshop slot break into two sessions (instructors' page): each seam is the
+# heading the second part starts at.
+SEAMS = {"01": ["## 5."],          # formats, GGUF, the ladder, llama.cpp's pipeline | GPTQ/AWQ, memory, sizing
+         "03": ["## 9."],          # the in-process engine | speculation and the servers
+         "07": ["## 7."],          # the everyday failures | a native crash and the doctor
+         "08": ["## 10."],         # the proxy | monitoring, systemd, containers, Kubernetes, beyond one machine
+         "09": ["## 6."],          # routing, privacy, streaming | tools, MCP, the agent
+         "10": ["## 10."]}         # LoRA on the CPU, shipped | the GPU tier and bad adapters
 RATES = {"words_per_min": 200, "code_lines_per_min": 10, "min_per_exercise": 8}
 WORKSHOP_SLOT_MIN = (60, 90)
 EXERCISE = re.compile(r"^\s*(#+\s*(Graded\s+)?|\*\*)Exercise\b", re.IGNORECASE)      # "## Exercise", "**Exercise 1.**"
@@ -74,23 +82,65 @@ def _exercises(markdown: str) -> int:
     return int(bool(EXERCISE.match(markdown)))
 
 
-def estimate(path: Path, measured_s: float | None = None, rates: dict | None = None) -> ChapterTime:
-    """The teaching time of the notebook at ``path``; ``measured_s`` is its measured wall time, if any."""
-    r = {**RATES, **(rates or {})}
-    nb = json.loads(Path(path).read_text(encoding="utf-8"))
+def _minutes(words: int, code_lines: int, exercises: int, run_s: float, rates: dict) -> float:
+    return (words / rates["words_per_min"] + code_lines / rates["code_lines_per_min"]
+            + exercises * rates["min_per_exercise"] + run_s / 60)
+
+
+def _count(cells) -> tuple[int, int, int]:
+    """(prose words, non-comment code lines, exercises) of ``cells``."""
     words = code_lines = exercises = 0
-    for cell in nb["cells"]:
+    for cell in cells:
         text = _text(cell)
         if cell["cell_type"] == "markdown":
             words += len(text.split())
             exercises += _exercises(text)
         elif cell["cell_type"] == "code":
             code_lines += sum(1 for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
+    return words, code_lines, exercises
+
+
+def estimate(path: Path, measured_s: float | None = None, rates: dict | None = None) -> ChapterTime:
+    """The teaching time of the notebook at ``path``; ``measured_s`` is its measured wall time, if any."""
+    r = {**RATES, **(rates or {})}
+    nb = json.loads(Path(path).read_text(encoding="utf-8"))
+    words, code_lines, exercises = _count(nb["cells"])
     budget = nb.get("metadata", {}).get("labkit", {}).get("budget_s") or 0
     run_s, source = (measured_s, "measured") if measured_s is not None else (budget, "budget")
-    minutes = (words / r["words_per_min"] + code_lines / r["code_lines_per_min"]
-               + exercises * r["min_per_exercise"] + run_s / 60)
-    return ChapterTime(Path(path).stem, words, code_lines, exercises, run_s, source, minutes)
+    return ChapterTime(Path(path).stem, words, code_lines, exercises, run_s, source,
+                       _minutes(words, code_lines, exercises, run_s, r))
+
+
+def cell_seconds(executed: Path) -> dict[str, float]:
+    """Each cell's run time in an executed copy (papermill's ``duration``), by cell id."""
+    nb = json.loads(Path(executed).read_text(encoding="utf-8"))
+    return {c.get("id"): (c.get("metadata", {}).get("papermill", {}).get("duration") or 0.0) for c in nb["cells"]}
+
+
+def parts(path: Path, seams: list[str], executed: Path | None = None, rates: dict | None = None) -> list[ChapterTime]:
+    """The chapter cut at each markdown cell with a line that starts with one of ``seams`` (``"## 10."``), each part
+    timed like a chapter; its run time is the sum of its cells' times in ``executed`` (0 without one).
+
+    A seam that matches no heading is an error: a renamed section must not silently merge two parts."""
+    r = {**RATES, **(rates or {})}
+    cells = json.loads(Path(path).read_text(encoding="utf-8"))["cells"]
+    starts = [0]
+    for seam in seams:
+        hit = next((i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+                    and any(line.startswith(seam) for line in _text(c).splitlines())), None)
+        if hit is None:
+            raise ValueError(f"{Path(path).name}: no section starts with {seam!r}")
+        starts.append(hit)
+    if starts != sorted(starts):
+        raise ValueError(f"{Path(path).name}: seams {seams} are not in the chapter's order")
+    seconds = cell_seconds(executed) if executed else {}
+    out = []
+    for n, (a, b) in enumerate(zip(starts, starts[1:] + [len(cells)])):
+        words, code_lines, exercises = _count(cells[a:b])
+        run_s = sum(seconds.get(c.get("id"), 0.0) for c in cells[a:b])
+        out.append(ChapterTime(f"{Path(path).stem} part {n + 1}", words, code_lines, exercises, run_s,
+                               "measured" if executed else "none", _minutes(words, code_lines, exercises, run_s, r)))
+    return out
 
 
 def measured_seconds(summary: Path = runner.BUILD_DIR / "summary.json") -> dict[str, float]:
