@@ -175,6 +175,21 @@ def split_parts(path: str | os.PathLike) -> list[Path]:
     return parts
 
 
+def tensor_spans(path: str | os.PathLike) -> dict[str, int]:
+    """Bytes each tensor occupies on disk, measured from where the file's writer put it: from its offset to
+    the next tensor's, the last one to the end of its file (every part of a split model). Its type's block
+    layout predicts :attr:`TensorInfo.n_bytes`; the span adds only the padding up to ``general.alignment``.
+    Chapter 00 checks the two agree."""
+    spans = {}
+    for part in split_parts(Path(path)):
+        with open(part, "rb") as f:
+            h = _parse(f, str(part), part.stat().st_size)
+        ordered = sorted(h.tensors, key=lambda t: t.offset)
+        ends = [t.offset for t in ordered[1:]] + [h.file_size - h.data_offset]
+        spans.update({t.name: end - t.offset for t, end in zip(ordered, ends)})
+    return spans
+
+
 def read_header(source: str | os.PathLike | BinaryIO) -> GGUFHeader:
     """Parse a GGUF file's metadata and tensor table and check the file holds all tensor data;
     for a split model, every part (see :func:`split_parts`)."""

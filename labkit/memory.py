@@ -27,6 +27,8 @@ BPW_PURE = {name: layout.bits_per_weight for name, layout in LAYOUTS.items()}   
 # source's tools/quantize/README.md, "Quantization" tables). Other models differ — a large vocabulary or
 # tied embeddings move the average a lot — so a real file's tensors are the truth; these are for sizing
 # a model before you have it. MXFP4_MOE, TQ1_0/TQ2_0 and other presets have no published average here.
+# (tools/quantize/quantize.cpp's QUANT_OPTIONS help text is no substitute: it gives K presets' sizes in GB on
+# Llama-3-8B, e.g. Q4_K_S " 4.37G", and for IQ presets their base type's bpw, e.g. IQ2_XXS " 2.06 bpw".)
 BPW_MIX = {"Q6_K": 6.56, "Q5_K_M": 5.70, "Q5_K_S": 5.57, "Q4_K_M": 4.89, "Q4_K_S": 4.67, "Q3_K_L": 4.30,
            "Q3_K_M": 4.00, "Q3_K_S": 3.64, "Q2_K": 3.16, "Q2_K_S": 2.97,
            "IQ4_NL": 4.68, "IQ4_XS": 4.46, "IQ3_M": 3.76, "IQ3_S": 3.66, "IQ3_XS": 3.50, "IQ3_XXS": 3.25,
@@ -61,6 +63,61 @@ def block_type_bits(type_name: str) -> float:
     except KeyError:
         raise ValueError(f"{type_name!r} is not a ggml block type") from None
     return 8 * size / block
+
+
+def preset_average(preset: str | None) -> tuple[float, str] | None:
+    """(bits per weight, where the figure comes from) for a preset name, or None for an unknown preset
+    (MXFP4_MOE, TQ1_0, a name llama.cpp publishes no average for): then only the file's tensors can say.
+
+    >>> preset_average("Q4_K_S")[0], preset_average("Q4_1"), preset_average("MXFP4_MOE")
+    (4.67, (5.0, 'its block layout (a pure type)'), None)
+    """
+    key = (preset or "").upper()
+    if key in BPW_MIX:
+        return BPW_MIX[key], "llama.cpp's published average (tools/quantize/README.md, Llama-3.1-8B)"
+    if key in BPW_PURE:
+        return BPW_PURE[key], "its block layout (a pure type)"
+    return None
+
+
+def type_mix(path):
+    """What a GGUF's tensors are stored as, per ggml type (a DataFrame, most parameters first): ``tensors``,
+    ``parameters``, ``share`` of all parameters, ``type_bits`` (the type's block layout), ``contribution``
+    (share × type_bits: the column sums to the file's average bits per weight), and what the file holds:
+    ``bytes_on_disk`` (:func:`labkit.gguf.tensor_spans`, padding included) and ``disk_bits`` per weight."""
+    import pandas as pd
+
+    from .gguf import read_header, tensor_spans
+    header, spans = read_header(path), tensor_spans(path)
+    rows = pd.DataFrame([{"type": t.type_name, "parameters": t.n_elements, "bytes_on_disk": spans[t.name]}
+                         for t in header.tensors])
+    mix = rows.groupby("type").agg(tensors=("parameters", "size"), parameters=("parameters", "sum"),
+                                   bytes_on_disk=("bytes_on_disk", "sum"))
+    mix["share"] = mix["parameters"] / mix["parameters"].sum()
+    mix["type_bits"] = [block_type_bits(name) for name in mix.index]
+    mix["contribution"] = mix["share"] * mix["type_bits"]
+    mix["disk_bits"] = 8 * mix["bytes_on_disk"] / mix["parameters"]
+    columns = ["tensors", "parameters", "share", "type_bits", "contribution", "bytes_on_disk", "disk_bits"]
+    return mix[columns].sort_values("parameters", ascending=False)
+
+
+def fallback_tensors(path, preset: str | None = None):
+    """The weight matrices whose rows do not divide into the preset's base block type (a DataFrame: name,
+    row_length, stored type, parameters). llama.cpp stores each of them in another type
+    (src/llama-quant.cpp: a row length not a multiple of the type's block size makes it fall back, Q4_K to
+    Q5_0 for example). ``preset`` defaults to the file's own (``general.file_type``)."""
+    import pandas as pd
+
+    from .gguf import file_type_name, read_header
+    header = read_header(path)
+    base = preset_base_type(preset or file_type_name(header))
+    if base is None:
+        raise ValueError(f"{path} records no preset (general.file_type): pass preset=, e.g. 'Q4_K_M'")
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[base]][0]
+    rows = [{"name": t.name, "row_length": t.shape[0], "type": t.type_name, "parameters": t.n_elements}
+            for t in header.tensors if len(t.shape) >= 2 and t.shape[0] % block]
+    return pd.DataFrame(rows, columns=["name", "row_length", "type", "parameters"])
 
 # KV cache bytes per element (f16 2; q8_0 34 bytes per 32 values; q4_0 18 per 32).
 KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}

@@ -18,6 +18,7 @@ from labkit.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+LAB_CONFIG = REPO / "jupyter-config"        # JupyterLab defaults `make lab` and Binder install
 BROWSER_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -36,7 +37,8 @@ def jupyter_lab(tmp_path):
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}",
          "--LabApp.expose_app_in_browser=True"] + (["--allow-root"] if os.geteuid() == 0 else []),
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "JUPYTER_CONFIG_PATH": str(LAB_CONFIG)})     # the lab's defaults, as `make lab` sets them
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -97,7 +99,15 @@ def test_chapter_00_runs_in_jupyterlab(jupyter_lab):
         page.wait_for_function("(b) => document.querySelector('.labkit-memcalc-result').innerText !== b",
                                arg=before, timeout=15_000)
         after = result.inner_text()
+        # back to the notebook's own value, so the screenshot shows what its cell asked for (n_ctx=8192)
+        page.keyboard.press("ArrowLeft")
+        page.keyboard.press("ArrowLeft")
+        page.wait_for_function("(b) => document.querySelector('.labkit-memcalc-result').innerText === b",
+                               arg=before, timeout=15_000)
+        news = page.locator(".jp-toast-message, .Toastify__toast").all_inner_texts()
         page.screenshot(path=str(shot), full_page=False)
         browser.close()
     assert "GiB" in before and before != after
+    assert "(8,192 tokens" in before and "(8,192 tokens" not in after, (before, after)   # the cell's n_ctx, then moved
+    assert not [t for t in news if "news" in t.lower()], news       # jupyter-config/ turned the news pop-up off
     assert shot.exists() and shot.stat().st_size > 10_000

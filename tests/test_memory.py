@@ -222,3 +222,61 @@ def test_mmap_keeps_weights_in_file_pages_and_a_failed_mlock_only_warns(smollm2_
         pytest.skip("no /proc/self/status here (not Linux)")
     assert mapped["rss_file"] > 0.8 * size and copied["rss_anon"] - mapped["rss_anon"] > 0.8 * size
     assert limited["locked"] <= 8 << 20 and any("failed to mlock" in w for w in limited["warnings"]), limited
+
+
+def _mixed_gguf(path, alignment=64, file_type=15):
+    """A tiny Q4_K_M-labelled GGUF the way llama.cpp lays one out: a Q4_K matrix whose rows divide into 256,
+    a 576-wide one stored as Q5_0 (the fallback), a Q8_0 embedding and an F32 norm; raw (zero) block bytes."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFWriter
+    w = GGUFWriter(str(path), "llama")
+    if file_type is not None:
+        w.add_file_type(file_type)                     # 15: LLAMA_FTYPE_MOSTLY_Q4_K_M
+    w.add_custom_alignment(alignment)
+    for name, (rows, cols), qtype, block_bytes, block in [
+            ("token_embd.weight", (8, 576), T.Q8_0, 34, 32), ("blk.0.ffn_down.weight", (4, 512), T.Q4_K, 144, 256),
+            ("blk.0.attn_q.weight", (3, 576), T.Q5_0, 22, 32)]:
+        raw = np.zeros((rows, cols // block * block_bytes), dtype=np.uint8)
+        w.add_tensor(name, raw, raw_dtype=qtype)       # byte shape: gguf derives (rows, cols)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(576, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_type_mix_is_the_files_average_and_its_layout_on_disk(tmp_path):
+    from labkit import gguf
+    path = _mixed_gguf(tmp_path / "mix.gguf")
+    header, spans = gguf.read_header(path), gguf.tensor_spans(path)
+    for t in header.tensors:                           # each tensor's block bytes, padded to the alignment
+        assert t.n_bytes <= spans[t.name] < t.n_bytes + 64, (t.name, t.n_bytes, spans[t.name])
+    mix = memory.type_mix(path)
+    assert list(mix.index) == ["Q8_0", "Q4_K", "Q5_0", "F32"]          # most parameters first
+    assert mix.loc["Q5_0", "type_bits"] == 5.5 and mix.loc["Q4_K", "type_bits"] == 4.5
+    assert mix["contribution"].sum() == pytest.approx(8 * header.tensor_bytes / header.n_parameters)
+    assert (mix["disk_bits"] >= mix["type_bits"]).all()
+    assert mix["bytes_on_disk"].sum() == sum(spans.values())
+
+
+def test_fallback_tensors_are_the_rows_that_do_not_divide_into_the_preset_blocks(tmp_path, smollm2_path):
+    path = _mixed_gguf(tmp_path / "mix.gguf")
+    fell = memory.fallback_tensors(path)               # the file's own preset: Q4_K_M, blocks of 256
+    assert list(fell["name"]) == ["token_embd.weight", "blk.0.attn_q.weight"]
+    assert set(fell["row_length"]) == {576} and list(fell["type"]) == ["Q8_0", "Q5_0"]
+    assert memory.fallback_tensors(path, "Q8_0").empty                  # 576 = 18 blocks of 32
+    assert memory.fallback_tensors(smollm2_path).empty                  # Q4_1: blocks of 32
+    # as Q4_K_S: 6 of the 7 matrices of each of 30 layers (ffn_down's rows are 1536 = 6 × 256) and the embedding
+    assert len(memory.fallback_tensors(smollm2_path, "Q4_K_S")) == 30 * 6 + 1
+    unlabelled = _mixed_gguf(tmp_path / "unlabelled.gguf", file_type=None)
+    with pytest.raises(ValueError, match="records no preset.*preset="):
+        memory.fallback_tensors(unlabelled)
+
+
+def test_preset_average_is_published_figure_block_layout_or_unknown():
+    assert memory.preset_average("q5_k_s") == (5.57, memory.preset_average("Q5_K_S")[1])
+    assert "README" in memory.preset_average("Q3_K_L")[1] and memory.preset_average("Q3_K_L")[0] == 4.30
+    assert memory.preset_average("Q8_0") == (8.5, "its block layout (a pure type)")
+    assert memory.preset_average("MXFP4_MOE") is None and memory.preset_average(None) is None
