@@ -14,18 +14,25 @@ llama-cpp-python's server and llama.cpp's ``llama-server`` side by side on measu
 * ``tool_choice required`` — the model must call one of the tools.
 
 Outcomes: ``"honoured"`` (200 and the reply shows it), ``"ignored"`` (200, no effect: the worst
-case, silent), ``"refused 4xx"`` (a clear client error), ``"server error 5xx"`` (a validation
+case, silent), ``"ignored, said so"`` (200, no effect, but the response's ``X-Labkit-Ignored-Fields`` header
+names what was ignored, as labkit's servers do), ``"refused 4xx"`` (a clear client error), ``"server error 5xx"`` (a validation
 problem reported as the server's fault) or ``"no response"`` (the connection closed), each with a
 short detail.
 
 >>> classify(200, True), classify(200, False), classify(400, None), classify(500, None)
 ('honoured', 'ignored', 'refused 4xx', 'server error 5xx')
+>>> classify(200, False, said="n, stream_options.include_usage")
+'ignored, said so'
+
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from typing import Callable
+
+from .llama_cpp_openai import IGNORED_HEADER
+from .streams import sse_payloads
 
 QUESTION = [{"role": "user", "content": "Name one colour. Answer in JSON."}]
 ADD_TOOL = {"type": "function", "function": {
@@ -36,14 +43,17 @@ COLOUR_SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}},
                  "additionalProperties": False}
 
 
-def classify(status: int, effect: bool | None) -> str:
+def classify(status: int, effect: bool | None, said: str = "") -> str:
     """The outcome of one probe from its HTTP status and whether the field took effect (``None``: the reply
-    cannot tell, e.g. the model stopped before a limit could bite)."""
+    cannot tell, e.g. the model stopped before a limit could bite); ``said``: the fields the server named as
+    ignored in its response header."""
     if status >= 500:
         return "server error 5xx"
     if status >= 400:
         return "refused 4xx"
-    return "inconclusive" if effect is None else "honoured" if effect else "ignored"
+    if effect is None:
+        return "inconclusive"
+    return "honoured" if effect else "ignored, said so" if said else "ignored"
 
 
 @dataclass(frozen=True)
@@ -127,16 +137,17 @@ PROBES = [
 
 
 def _send(client, url: str, probe: Probe, model: str):
+    """(status, reply, the fields the server says it ignored)."""
     body = {"model": model, "temperature": 0, **probe.body}
     if not probe.stream:
         r = client.post(url, json=body)
-        return r.status_code, (r.json() if r.status_code == 200 else r.text)
-    from .streams import sse_payloads
+        return r.status_code, (r.json() if r.status_code == 200 else r.text), r.headers.get(IGNORED_HEADER, "")
     with client.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             r.read()
-            return r.status_code, r.text
-        return 200, [json.loads(payload) for payload in sse_payloads(r.iter_lines()) if payload != "[DONE]"]
+            return r.status_code, r.text, ""
+        events = [json.loads(payload) for payload in sse_payloads(r.iter_lines()) if payload != "[DONE]"]
+        return 200, events, r.headers.get(IGNORED_HEADER, "")
 
 
 def probe(server, probes: list[Probe] = PROBES, *, timeout: float = 120.0) -> list[dict]:
@@ -151,7 +162,7 @@ def probe(server, probes: list[Probe] = PROBES, *, timeout: float = 120.0) -> li
     with httpx.Client(timeout=timeout, headers=headers, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         for p in probes:
             try:
-                status, reply = _send(client, url, p, server.model)
+                status, reply, said = _send(client, url, p, server.model)
             except httpx.TransportError as exc:
                 rows.append({"probe": p.name, "field": p.field, "status": None, "outcome": "no response",
                              "detail": f"{type(exc).__name__}: {exc}"})
@@ -163,6 +174,8 @@ def probe(server, probes: list[Probe] = PROBES, *, timeout: float = 120.0) -> li
                     effect, detail = False, f"unexpected reply shape ({type(exc).__name__}: {exc})"
             else:
                 effect, detail = None, " ".join(str(reply).split())[:120]
+            if said and effect is False:
+                detail += f" ({IGNORED_HEADER}: {said})"
             rows.append({"probe": p.name, "field": p.field, "status": status,
-                         "outcome": classify(status, effect), "detail": detail})
+                         "outcome": classify(status, effect, said), "detail": detail})
     return rows

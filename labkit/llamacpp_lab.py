@@ -341,8 +341,9 @@ def sampling_table(llm, messages: list[dict] | str, settings: dict[str, dict], s
     """One row per (setting, seed): the reply to ``messages`` (chat messages, or a plain-text prompt
     for a base model: :func:`as_request`) under each sampling setting.
 
-    The seed is passed *per call*: ``Llama(seed=...)`` only seeds the first request (later ones
-    draw a new seed from it), and ``Llama(seed=0)`` means "random" (0 is treated as unset).
+    The seed is passed *per call*: without one, each call's seed is drawn from the previous call's, so
+    ``Llama(seed=...)`` fixes only the sequence of a fresh load; ``Llama(seed=0)`` is no seed at all (0 is
+    treated as unset and becomes ``LLAMA_DEFAULT_SEED``), measured in chapter 03.
     """
     rows = []
     for name, kw in settings.items():

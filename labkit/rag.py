@@ -39,7 +39,6 @@ Evaluation on a labelled question set (:func:`load_questions`):
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -358,44 +357,22 @@ def closed_book_prompt(system: str = CLOSED_BOOK_SYSTEM):
     return ChatPromptTemplate.from_messages([("system", system), ("human", "Question: {question}\nShort answer:")])
 
 
-@functools.cache
-def _chat_openai_for_llama_cpp():
-    """``ChatOpenAI`` that sends an assistant tool-call turn with ``content: ""`` instead of ``null``.
-
-    LangChain (like the OpenAI SDK) sends ``null``; llama-cpp-python's server answers that with
-    HTTP 500 (its schema wants a string), which breaks the second turn of every agent loop
-    (chapter 09). Other servers accept both, so only the ``llama.cpp`` engine gets this class.
-    """
-    from langchain_openai import ChatOpenAI
-
-    class ChatOpenAIForLlamaCpp(ChatOpenAI):
-        def _get_request_payload(self, input_, *, stop=None, **kwargs):
-            payload = super()._get_request_payload(input_, stop=stop, **kwargs)
-            for message in payload.get("messages", []):
-                if message.get("content") is None and message.get("tool_calls"):
-                    message["content"] = ""
-            return payload
-    return ChatOpenAIForLlamaCpp
-
-
 def chat_model_spec(server, *, max_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
                     **options) -> tuple[type, dict]:
     """The LangChain chat-model class for a :class:`labkit.Server` (its engine's ``chat_model`` in
     :mod:`labkit.engines`) and its keyword arguments: ``ChatOllama`` for the ``ollama`` engine (Ollama's
-    own API), ``ChatOpenAI`` on ``/v1`` for ``llama.cpp``, ``llama-server`` and ``vllm`` (for ``llama.cpp``, the subclass that
-    llama-cpp-python's server accepts tool-call turns from). ``options`` are passed on as they are
-    (``model=``, ``timeout=``, ``output_version=``, ...)."""
+    own API), ``ChatOpenAI`` on ``/v1`` for ``llama.cpp``, ``llama-server`` and ``vllm`` (plain: what llama-cpp-python's
+    server cannot take as LangChain sends it, labkit's layer in front of it translates, :mod:`labkit.llama_cpp_openai`).
+    ``options`` are passed on as they are (``model=``, ``timeout=``, ``output_version=``, ...)."""
     chat = engines.get(server.engine).chat_model if server.engine in engines.names() else None
     if chat == "langchain_ollama:ChatOllama":
         return engines.resolve(chat), {"base_url": server.base_url, "model": server.model, "temperature": temperature,
                                        "num_predict": max_tokens, "seed": seed, **options}
-    cls = _chat_openai_for_llama_cpp() if server.engine == "llama.cpp" else engines.resolve(chat or "langchain_openai:ChatOpenAI")
-    # ChatOpenAI sends max_tokens as OpenAI's newer "max_completion_tokens", which llama-cpp-python's
-    # server ignores (it would generate up to the context size): send the classic field as well.
+    cls = engines.resolve(chat or "langchain_openai:ChatOpenAI")
     # stream_usage: token counts for streams too (ChatOpenAI asks for them only from api.openai.com).
     return cls, {"base_url": server.base_url + "/v1", "api_key": server.api_key or "none", "model": server.model,
                  "temperature": temperature, "max_tokens": max_tokens, "seed": seed, "max_retries": 0,
-                 "extra_body": {"max_tokens": max_tokens}, "stream_usage": True, **options}
+                 "stream_usage": True, **options}
 
 
 def chat_model(server, **settings):

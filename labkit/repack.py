@@ -11,7 +11,8 @@ off is the known fix; this module decides when to do it, in one place, for every
   ``use_extra_bufts=False``, which every ``Llama(...)`` (and ``llama_cpp.server``) starts from;
   ``import labkit`` calls it;
 * subprocesses: ``python -m labkit.repack MODULE ARGS...`` runs a module with it applied (for
-  ``llama_cpp.server`` also :func:`labkit.vision.guard_llama_cpp_server`: images to a text-only model get a 400);
+  ``llama_cpp.server`` also :func:`labkit.vision.guard_llama_cpp_server`: images to a text-only model get a 400;
+  and :func:`labkit.llama_cpp_openai.install`: OpenAI requests translated, never a 500 for a valid one);
 * the native programs: :func:`llama_server_args` / :func:`llama_bench_args`.
 
 The rule: repacking stays **on** unless the CPU has AMX-INT8 *and* the llama.cpp build
@@ -148,8 +149,11 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python -m labkit.repack MODULE [ARGS...]   (e.g. llama_cpp.server --model m.gguf)")
     install()
     if argv[0] == "llama_cpp.server":               # a text-only model answers an image with a 400, not a 500
+        from . import llama_cpp_openai
         from .vision import guard_llama_cpp_server
         guard_llama_cpp_server(argv[1:])
+        if os.environ.get("LABKIT_OPENAI_TRANSLATION") != "0":     # serve(..., openai_translation=False) turns it off
+            llama_cpp_openai.install()              # after: inside the media refusal, which names images better
     sys.argv = [argv[0], *argv[1:]]
     runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
 

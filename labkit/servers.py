@@ -15,7 +15,8 @@ Engines:
 * ``"llama.cpp"`` — ``python -m llama_cpp.server`` from llama-cpp-python (started through
   ``labkit.repack``, which applies this CPU's weight-repacking rule), with
   ``--interrupt_requests False`` so a second request queues instead of silently cutting off
-  the first one's stream.
+  the first one's stream; labkit's OpenAI layer (:mod:`labkit.llama_cpp_openai`) translates what OpenAI
+  clients send that the server would answer with a 500 (``openai_translation=False``: the server as upstream ships it).
 * ``"llama-server"`` — llama.cpp's own C++ server (:mod:`labkit.llama_tools`, built by
   ``make setup`` from the same source): parallel slots and continuous batching, ready when
   ``/health`` answers. Options become ``--name-with-dashes value`` flags (``parallel=4``,
@@ -324,12 +325,15 @@ def llama_cpp_python_command(model_path: Path, name: str, host: str, port: int, 
     opts = {"n_ctx": 2048, "interrupt_requests": False,
             "n_threads": usable_cores(), "n_threads_batch": usable_cores()}
     opts.update(options)
+    # openai_translation=False: llama-cpp-python's server as upstream ships it, without labkit's OpenAI layer
+    # (labkit.llama_cpp_openai), for a chapter that shows what the layer fixes.
+    env = {} if opts.pop("openai_translation", True) else {"LABKIT_OPENAI_TRANSLATION": "0"}
     # Through labkit.repack, so that the server's Llama follows this machine's repacking rule.
     argv = [sys.executable, "-m", "labkit.repack", "llama_cpp.server", "--model", str(model_path),
             "--model_alias", name, "--host", host, "--port", str(port)]
     if api_key:
         argv.append(f"--api_key={api_key}")     # "=": argparse would read a key starting with "-" as a flag
-    return argv + _flags(opts, dash=False), {}
+    return argv + _flags(opts, dash=False), env
 
 
 def llama_server_command(model_path: Path, name: str, host: str, port: int, api_key: str | None,

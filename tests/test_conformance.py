@@ -10,9 +10,16 @@ import labkit
 from labkit import conformance
 from labkit.fault_api import FaultAPI
 
-# measured with the pinned llama-cpp-python and the llama.cpp it vendors (SmolLM2, its own chat format)
-EXPECTED_LLAMA_CPP_PYTHON = {"max_completion_tokens": "ignored", "json_schema": "server error 5xx", "include_usage": "ignored",
-                             "tool history": "server error 5xx", "tool_choice required": "ignored"}
+# measured with the pinned llama-cpp-python and the llama.cpp it vendors (SmolLM2, its own chat format): as upstream
+# ships it (serve(..., openai_translation=False)), and through labkit's OpenAI layer (labkit.llama_cpp_openai, the default)
+EXPECTED_LLAMA_CPP_PYTHON_UPSTREAM = {"max_completion_tokens": "ignored", "json_schema": "server error 5xx",
+                                      "include_usage": "ignored", "tool history": "server error 5xx",
+                                      "tool_choice required": "ignored"}
+# through the layer: nothing fails and nothing is ignored silently (include_usage is named in X-Labkit-Ignored-Fields;
+# "required" with one tool becomes that tool's name, which the function-calling handler forces)
+EXPECTED_LLAMA_CPP_PYTHON = {"max_completion_tokens": "honoured", "json_schema": "honoured",
+                             "include_usage": "ignored, said so", "tool history": "honoured",
+                             "tool_choice required": "honoured"}
 # llama-server --jinja with the ChatML tool template: "required" answered with text (no grammar forced)
 EXPECTED_LLAMA_SERVER = {"max_completion_tokens": "honoured", "json_schema": "honoured", "include_usage": "honoured",
                          "tool history": "honoured", "tool_choice required": "ignored"}
@@ -54,10 +61,13 @@ def test_a_server_that_ignores_every_field_is_reported_as_ignoring_it():
 @pytest.mark.full     # chapter 03 (10d) measures the same in make test
 def test_llama_cpp_python_server_as_measured_in_chapter_03():
     """If this starts failing, llama-cpp-python changed: update chapter 03's table text (and
-    rag.chat_model's workarounds)."""
+    labkit.llama_cpp_openai, which translates what the upstream server answers with a 500)."""
+    with labkit.serve("llama.cpp", "smollm2", openai_translation=False) as srv:
+        upstream = outcomes(conformance.probe(srv))
     with labkit.serve("llama.cpp", "smollm2") as srv:
         got = outcomes(conformance.probe(srv))
         images = [image_chat(srv, stream) for stream in (False, True)]
+    assert upstream == EXPECTED_LLAMA_CPP_PYTHON_UPSTREAM, upstream
     assert got == EXPECTED_LLAMA_CPP_PYTHON, got
     # An image to the text-only model: llama-cpp-python itself answers 500 "can only concatenate str (not "list") to
     # str" (200 and an empty stream when streamed); labkit.vision.RefuseMedia, which labkit.repack puts in front of

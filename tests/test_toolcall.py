@@ -102,20 +102,25 @@ def test_measure_records_what_the_engine_returned():
 
 
 def test_a_tool_result_turn_reaches_llama_cpp_python():
-    """The second turn of an agent loop (assistant tool call with null content, then the tool's
-    result): llama-cpp-python's server answers LangChain's plain ChatOpenAI with HTTP 500, and
-    rag.chat_model's subclass (content "") gets an answer. If the first assertion starts failing,
-    upstream fixed it and the subclass can go."""
+    """The second turn of an agent loop (assistant tool call with null content, then the tool's result), as LangChain's
+    plain ChatOpenAI sends it: llama-cpp-python's server as upstream ships it answers HTTP 500; through labkit's OpenAI
+    layer (labkit.llama_cpp_openai, the default of labkit.serve) it answers, and ChatOpenAI's max_tokens (sent as
+    max_completion_tokens) caps the reply. If the first assertion starts failing, upstream fixed it."""
     import openai
     from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
     from langchain_openai import ChatOpenAI
     history = [HumanMessage("What is 17 plus 25?"),
                AIMessage(content="", tool_calls=[{"name": "add", "args": {"a": 17, "b": 25}, "id": "call_1"}]),
                ToolMessage("42", tool_call_id="call_1")]
-    with labkit.serve("llama.cpp", "smollm2", chat_format="chatml-function-calling") as srv:
-        plain = ChatOpenAI(base_url=srv.base_url + "/v1", api_key="none", model=srv.model, max_retries=0,
-                           max_tokens=8, extra_body={"max_tokens": 8})
+
+    def plain(srv):
+        return ChatOpenAI(base_url=srv.base_url + "/v1", api_key="none", model=srv.model, max_retries=0, max_tokens=3)
+    with labkit.serve("llama.cpp", "smollm2", chat_format="chatml-function-calling", openai_translation=False) as srv:
         with pytest.raises(openai.InternalServerError, match="valid string"):
-            plain.invoke(history)
-        reply = rag.chat_model(srv, max_tokens=8).invoke(history)
+            plain(srv).invoke(history)
+    with labkit.serve("llama.cpp", "smollm2", chat_format="chatml-function-calling") as srv:
+        reply = plain(srv).invoke(history)
+        lab_reply = rag.chat_model(srv, max_tokens=8).invoke(history)
     assert isinstance(reply.content, str) and reply.response_metadata["finish_reason"] in ("stop", "length")
+    assert reply.usage_metadata["output_tokens"] <= 3, reply.usage_metadata
+    assert isinstance(lab_reply.content, str) and lab_reply.response_metadata["finish_reason"] in ("stop", "length")

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ..cancellable import cancellable_stream, drain, in_fresh_thread
+from ..llama_cpp_openai import IGNORED_HEADER  # one header name for every labkit server
 from .errors import APIError, error_body
 from .inference import Done, Piece, embed_vectors, generation
 from .native import body_of
@@ -78,7 +79,6 @@ IGNORED = {
     "chat": ("logit_bias", "n", "tool_choice", "user"),
     "completion": ("best_of", "echo", "logit_bias", "n", "user"),
 }
-IGNORED_HEADER = "X-Labkit-Ignored-Fields"
 
 
 def ignored_fields(body: dict, kind: str) -> list[str]:
