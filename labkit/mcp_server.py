@@ -6,8 +6,14 @@ This server is built on the official MCP Python SDK (``mcp`` 1.x, ``FastMCP``): 
 the protocol (initialisation, capability negotiation, JSON schemas from type hints, input
 validation, progress notifications, both transports); labkit only writes the tools.
 
-Tools, all served by the OpenAI-compatible engines that :func:`labkit.serve` starts (or any
-``base_url``):
+Tools:
+
+* ``search_docs``: chapter 05's retriever (all-MiniLM-L6-v2 + FAISS over 400-character chunks, built
+  with :mod:`labkit.rag`) over a folder of documents — the lab's Kelvane Islands corpus unless
+  ``--corpus`` names another (``none``: no retriever). Its text result is the passages with their
+  source files, what a model reads; its structured result adds the scores;
+
+and, served by the OpenAI-compatible engines that :func:`labkit.serve` starts (or any ``base_url``):
 
 * ``generate`` (a prompt) and ``chat`` (a message list): streamed from the engine, with MCP
   progress notifications while tokens arrive;
@@ -46,6 +52,7 @@ from dataclasses import dataclass, field
 from . import engines
 from .env import free_port, is_loopback
 from .errors import LabkitError, ServerStartError
+from .rag import DOCS_DIR
 
 # engines a backend can be started on: those that speak OpenAI's chat API (labkit.engines' chat_model) in labkit's
 # own environment (vLLM runs in its own; pass --backend URL for a vLLM server)
@@ -58,6 +65,7 @@ HEALTH_PATH = "/health"
 CATALOGUE_URI = "models://catalogue"
 PROGRESS_EVERY = 4                      # tokens between two progress notifications
 PROBE_TIMEOUT_S = 3.0
+CHUNK_SIZE = 400                        # chapter 05's choice: about one chunk per document of its corpus
 
 
 class MCPBackendError(LabkitError):
@@ -74,6 +82,10 @@ class UnknownModelError(MCPBackendError, ValueError):
 
 class BackendDownError(MCPBackendError, ConnectionError):
     """The backend's engine does not answer."""
+
+
+class NoCorpusError(MCPBackendError):
+    """``search_docs`` on a server started without documents, or with a folder that has none."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -127,12 +139,14 @@ def as_backend(item, name: str | None = None) -> Backend:
 @dataclass
 class MCPConfig:
     """What the server fronts: ``backends`` (the first is the default unless ``default`` names
-    another), the embedding model (a bundled name or a local folder), the engines' timeout."""
+    another), the embedding model (a bundled name or a local folder), the engines' timeout, and
+    the folder of documents ``search_docs`` searches (``None``: no retriever)."""
 
     backends: list = field(default_factory=list)
     default: str | None = None
     embedding_model: str = "minilm"
     timeout_s: float = 120.0
+    corpus: str | None = str(DOCS_DIR)
 
     def __post_init__(self):
         self.backends = [as_backend(b) for b in self.backends]
@@ -144,6 +158,9 @@ class MCPConfig:
         self.default = self.default or names[0]
         if self.default not in names:
             raise ValueError(f"default={self.default!r} is not one of the backends {names}")
+        if self.corpus and not os.path.isdir(self.corpus):
+            raise ValueError(f"The corpus folder {self.corpus} does not exist: pass --corpus FOLDER with your "
+                             "documents, or --corpus none for a server without search_docs.")
 
 
 # --------------------------------------------------------------------------- the work behind the tools
@@ -158,6 +175,8 @@ class Gateway:
         self._clients: dict = {}
         self._embedder = None
         self._embedder_lock = threading.Lock()
+        self._index = None
+        self._index_lock = threading.Lock()
 
     def backend(self, name: str | None) -> Backend:
         name = name or self.default_backend
@@ -279,8 +298,53 @@ class Gateway:
         return {"model": self.config.embedding_model, "dimensions": int(vectors.shape[1]),
                 "vectors": [[round(float(x), 6) for x in v] for v in vectors]}
 
+    def retriever(self):
+        """The FAISS index over the corpus, built on first use (chapter 05's pipeline), then kept."""
+        with self._index_lock:
+            if self._index is None:
+                from . import rag
+                if not self.config.corpus:
+                    raise NoCorpusError("This MCP server was started without documents (--corpus none): "
+                                        "restart it with --corpus FOLDER to search a folder of .md/.txt/.html files.")
+                try:
+                    chunks = rag.split_documents(rag.load_corpus(self.config.corpus).documents, chunk_size=CHUNK_SIZE)
+                except rag.EmptyCorpusError as exc:
+                    raise NoCorpusError(f"search_docs has nothing to search: {exc}") from exc
+                self._index = rag.build_index(chunks, rag.embedding_model(self.config.embedding_model))
+        return self._index
+
+    def search(self, query: str, k: int = 2) -> dict:
+        """The ``k`` passages closest to ``query``, best first: source file, doc id, cosine similarity, text."""
+        if not query.strip():
+            raise ValueError("query is empty: send the words to search for.")
+        found = self.retriever().similarity_search_with_score(query, k=k)
+        return {"query": query, "passages": [
+            {"source": d.metadata.get("source", "?"), "doc_id": d.metadata.get("doc_id"), "score": round(float(s), 4),
+             "text": d.page_content.strip()} for d, s in found]}
+
+
+def passages_text(result: dict) -> str:
+    """``search_docs``' text for a model: each passage after its source file in brackets, as chapter 05 cites."""
+    return "\n\n".join(f"[{p['source']}] {p['text']}" for p in result["passages"]) or "No passage found."
+
 
 # --------------------------------------------------------------------------- the MCP server
+def _add_retriever_tool(mcp, gateway: Gateway) -> None:
+    from typing import Annotated
+
+    from mcp.types import CallToolResult, TextContent
+    from pydantic import Field
+
+    @mcp.tool()
+    async def search_docs(query: Annotated[str, Field(min_length=1, description="What to look for, in words")],
+                          k: Annotated[int, Field(ge=1, le=10, description="How many passages")] = 2) -> CallToolResult:
+        """Search the server's documents (the Kelvane Islands corpus by default): the k best passages, each after its source file."""
+        import anyio
+        result = await anyio.to_thread.run_sync(gateway.search, query, k)
+        # the text is what a model reads; programs get the scores from the structured content
+        return CallToolResult(content=[TextContent(type="text", text=passages_text(result))], structuredContent=result)
+
+
 def _add_generation_tools(mcp, gateway: Gateway) -> None:
     from typing import Annotated, Any, Literal
 
@@ -360,9 +424,10 @@ def build_server(config: MCPConfig, *, host: str = "127.0.0.1", port: int = 8000
     from starlette.responses import JSONResponse
 
     gateway = Gateway(config)
-    mcp = FastMCP("labkit", instructions="Local LLM Lab: generate, chat and embed with local models; "
-                  "list_models and health_check say what is available.",
+    mcp = FastMCP("labkit", instructions="Local LLM Lab: search_docs searches the documents; generate, chat and "
+                  "embed with local models; list_models and health_check say what is available.",
                   host=host, port=port, streamable_http_path=MCP_PATH, log_level="WARNING")
+    _add_retriever_tool(mcp, gateway)
     _add_generation_tools(mcp, gateway)
     _add_catalogue_tools(mcp, gateway)
 
@@ -377,8 +442,11 @@ def build_server(config: MCPConfig, *, host: str = "127.0.0.1", port: int = 8000
 class BearerTokenMiddleware:
     """ASGI middleware: every HTTP request needs ``Authorization: Bearer <token>``, else 401.
 
-    The SDK's own ``auth=`` is an OAuth 2.1 resource server (token verifier, issuer URL,
-    metadata routes); one shared secret on a loopback port needs only this comparison.
+    A loopback simplification, not MCP's authorization: the specification (revision 2025-11-25,
+    Base Protocol → Authorization, "Roles") makes a protected HTTP server an OAuth 2.1 resource
+    server that accepts access tokens issued by an authorization server and publishes its OAuth 2.0
+    Protected Resource Metadata (RFC 9728). The SDK's own ``auth=`` implements that side (token
+    verifier, issuer URL, metadata routes); one shared secret on 127.0.0.1 needs only this comparison.
     """
 
     def __init__(self, app, token: str):
@@ -469,16 +537,18 @@ class MCPHttpServer:
 
 
 def start_http(backends=(), *, token: str | None = None, default: str | None = None, model: str | None = None,
-               ready_timeout: float = 90.0) -> MCPHttpServer:
+               corpus: str | None = str(DOCS_DIR), ready_timeout: float = 90.0) -> MCPHttpServer:
     """Start ``python -m labkit.mcp_server --transport http`` on a free loopback port, under the
     same supervisor as labkit's engines (stopped by ``stop()``, at exit, or when this process dies),
     and wait until it answers. ``backends``: labkit Servers, :class:`Backend` or ``NAME=URL[,MODEL]``;
-    none: the child starts ``model`` (default: the bundled one) on llama.cpp itself."""
+    none: the child starts ``model`` (default: the bundled one) on llama.cpp itself. ``corpus``: the folder
+    ``search_docs`` searches (``None``: no retriever)."""
     from .servers import _start  # labkit.serve's start step: supervisor, readiness wait, log, clean-up
     specs = [as_backend(b).spec for b in backends]
     args = [a for s in specs for a in ("--backend", s)]
     args += ["--default", default] if default else []
     args += ["--model", str(model)] if model and not specs else []
+    args += ["--corpus", str(corpus) if corpus else "none"]
     env = {TOKEN_ENV: token} if token else {}
     last_error: Exception | None = None
     for _ in range(3):                 # a free port can be taken by someone else before uvicorn binds it
@@ -525,6 +595,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model to start when no --backend is given (default: $LABKIT_MODEL or smollm2)")
     parser.add_argument("--engine", default="llama.cpp", choices=OPENAI_ENGINES,
                         help="engine to start when no --backend is given")
+    parser.add_argument("--corpus", default=str(DOCS_DIR), metavar="FOLDER",
+                        help="documents search_docs searches (default: the lab's Kelvane Islands corpus; 'none': no retriever)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -537,7 +609,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                 engine = stack.enter_context(serve(args.engine, args.model))
             print(f"started {engine.engine} serving {engine.model!r} at {engine.base_url}", file=sys.stderr, flush=True)
             backends = [Backend.from_server(engine, "local")]
-        config = MCPConfig(backends, default=args.default)
+        corpus = None if str(args.corpus).lower() == "none" else args.corpus
+        config = MCPConfig(backends, default=args.default, corpus=corpus)
         if args.transport == "stdio":
             build_server(config).run("stdio")
         else:

@@ -202,6 +202,26 @@ class Backend:
         return cls(name or getattr(server, "name", None) or f"{engine}:{server.port}", server.base_url,
                    server.model, remote, timeout, health, getattr(server, "api_key", None))
 
+    @classmethod
+    def hosted(cls, environ=None, *, name: str = "hosted", timeout: float = 30.0) -> "Backend | None":
+        """A real hosted OpenAI-compatible API from the environment, or ``None`` when ``OPENAI_API_KEY`` is unset.
+
+        ``OPENAI_BASE_URL`` (default ``https://api.openai.com/v1``) must end in ``/v1``, as OpenAI's
+        SDK expects; ``OPENAI_MODEL`` names the model (default ``gpt-4o-mini``). Always ``remote``;
+        its health probe is ``/v1/models``, sent with the key.
+        """
+        import os
+        environ = os.environ if environ is None else environ
+        key = environ.get("OPENAI_API_KEY", "").strip()
+        if not key:
+            return None
+        url = environ.get("OPENAI_BASE_URL", "").strip().rstrip("/") or "https://api.openai.com/v1"
+        if not re.fullmatch(r"https?://\S+/v1", url):
+            raise ValueError(f"OPENAI_BASE_URL must be an http(s) URL ending in /v1 (the router adds "
+                             f"/v1/chat/completions to what comes before); got {url!r}")
+        model = environ.get("OPENAI_MODEL", "").strip() or "gpt-4o-mini"
+        return cls(name, url[:-3], model, remote=True, timeout=timeout, health_path="/v1/models", api_key=key)
+
 
 class CircuitBreaker:
     """closed → (``failures`` failed attempts in a row) → open → (``cooldown`` s) → half-open, where

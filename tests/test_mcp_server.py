@@ -21,7 +21,7 @@ from labkit.env import free_port
 from labkit.mcp_server import Backend, MCPConfig
 
 REPO = Path(__file__).resolve().parents[1]
-TOOLS = {"generate", "chat", "embed", "list_models", "model_switch", "health_check"}
+TOOLS = {"search_docs", "generate", "chat", "embed", "list_models", "model_switch", "health_check"}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,34 @@ def test_backend_specs_parse_and_bad_ones_are_refused():
         MCPConfig([])
 
 
+def test_a_corpus_folder_that_does_not_exist_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ValueError, match="--corpus none"):
+        MCPConfig(["a=http://h:1"], corpus=str(tmp_path / "nothing-here"))
+    assert MCPConfig(["a=http://h:1"], corpus=None).corpus is None
+    assert MCPConfig(["a=http://h:1"]).corpus == str(labkit.rag.DOCS_DIR)      # the lab's corpus by default
+
+
+def test_search_without_a_corpus_says_how_to_give_one():
+    gateway = mcp_server.Gateway(MCPConfig(["a=http://h:1"], corpus=None))
+    with pytest.raises(mcp_server.NoCorpusError, match="--corpus FOLDER"):
+        gateway.search("anything")
+
+
+@pytest.mark.engine        # loads the sentence-embedding model
+def test_search_ranks_the_passage_that_answers_first_and_names_its_file(tmp_path):
+    (tmp_path / "lighthouse.md").write_text("The Skerrin lighthouse was built in 1874 by the harbour board.\n")
+    (tmp_path / "cheese.txt").write_text("Fenmoor blue is a soft sheep's-milk cheese aged in caves.\n")
+    (tmp_path / "empty.txt").write_text("")
+    gateway = mcp_server.Gateway(MCPConfig(["a=http://h:1"], corpus=str(tmp_path)))
+    result = gateway.search("When was the lighthouse built?", k=2)
+    assert [p["source"] for p in result["passages"]] == ["lighthouse.md", "cheese.txt"]
+    assert result["passages"][0]["score"] > result["passages"][1]["score"]
+    assert mcp_server.passages_text(result).startswith("[lighthouse.md] The Skerrin lighthouse was built in 1874")
+    assert gateway.retriever() is gateway.retriever()          # built once, then kept
+    with pytest.raises(ValueError, match="query is empty"):
+        gateway.search("   ")
+
+
 def test_desktop_config_starts_this_server_over_stdio():
     cfg = mcp_server.desktop_config(["local=http://127.0.0.1:8080,smollm2"])
     entry = cfg["mcpServers"]["labkit"]
@@ -107,6 +135,11 @@ async def check_every_tool(session, engine) -> None:
     listed = await session.list_tools()
     schemas = {t.name: t.inputSchema for t in listed.tools}
     assert set(schemas) == TOOLS
+    r = await session.call_tool("search_docs", {"query": "What is the highest peak on Drest?", "k": 3})
+    assert not r.isError, text(r)
+    passages = r.structuredContent["passages"]
+    assert len(passages) == 3 and passages[0]["doc_id"] == "drest" and "Mount Caddow" in passages[0]["text"]
+    assert text(r).startswith("[drest.md] ") and "score" not in text(r)     # a model reads sources and text only
     gen = schemas["generate"]
     assert gen["required"] == ["prompt"] and gen["properties"]["prompt"]["type"] == "string"
     assert gen["properties"]["max_tokens"]["type"] == "integer" and gen["properties"]["max_tokens"]["minimum"] == 1
@@ -167,6 +200,8 @@ async def check_bad_requests(session, engine, down_url) -> None:
         return text(r)
 
     assert "Unknown tool: no_such_tool" in await error_of("no_such_tool", {})
+    assert "query" in await error_of("search_docs", {"query": ""})                               # min_length=1
+    assert "k" in await error_of("search_docs", {"query": "x", "k": 0})                          # ge=1
     # wrong types: FastMCP validates with the pydantic model built from the signature ...
     assert "max_tokens" in (msg := await error_of("generate", {"prompt": "x", "max_tokens": "lots"})) and "integer" in msg
     assert "prompt" in (msg := await error_of("generate", {"max_tokens": 4})) and "required" in msg.lower()
