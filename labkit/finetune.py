@@ -12,6 +12,12 @@ then ships the result to the engines of chapters 02–04. The pieces, in the cha
   :func:`train_loop` (the plain PyTorch loop the chapter shows), :func:`train` (one run in this
   process) and :func:`train_cached` (a run in a child process, to measure its peak memory, cached
   under ``cache_dir()/finetune/<key>``, the key a hash of data + settings + base weights).
+* **TRL** — the same run with TRL's ``SFTTrainer`` (``train(..., trainer="trl")``): :func:`prompt_completion`
+  (conversational prompt-completion rows: loss on the answer only), :func:`sft_config` (the loop's
+  optimisation in ``SFTConfig``'s terms), :func:`sft_trainer`, and :func:`compare_labels` (what each learns).
+* **precision** — :func:`time_step` and :func:`choose_precision`: bf16 autocast only where it measures faster.
+* **Unsloth** — :data:`UNSLOTH_RECIPE` (the source documents' example) and :func:`unsloth_to_peft`: the same
+  settings with PEFT and transformers' ``BitsAndBytesConfig``.
 * **memory** — :func:`training_memory`: weights, gradients, AdamW's two fp32 states,
   activations (:func:`activation_bytes`) and logits for full fine-tuning, LoRA and QLoRA, from a
   model's config (:class:`TransformerShape`, :data:`QWEN25_7B`); :func:`saved_tensor_bytes`
@@ -287,6 +293,115 @@ def train_loop(model, encoded, settings: LoraSettings, pad_id: int, on_step=None
     return losses
 
 
+# ----------------------------------------------------------------------------- TRL's SFTTrainer, the same run
+def prompt_completion(rows: Sequence[dict]) -> list[dict]:
+    """Chat rows as TRL's conversational *prompt-completion* examples: the prompt is every message but the
+    last, the completion the assistant's answer. For this format SFTTrainer's default ``completion_only_loss``
+    puts the loss on the completion's tokens only — the assistant-only loss :func:`encode` builds by hand."""
+    out = []
+    for row in rows:
+        msgs = row["messages"]
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise DatasetError(f"example {row.get('id')}: the last message must be the assistant's answer")
+        out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    return out
+
+
+def sft_config(settings: LoraSettings, output_dir):
+    """TRL's ``SFTConfig`` for the same run as :func:`train_loop`: AdamW (torch's), no weight decay, no gradient
+    clipping, learning rate decaying linearly to 0 with no warm-up, the same batch size, epochs and seed, bf16
+    autocast or fp32 as ``settings.precision`` says, on the CPU. TRL's own defaults differ where noted."""
+    from trl import SFTConfig
+    return SFTConfig(
+        output_dir=str(output_dir), learning_rate=settings.lr, num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size, seed=settings.seed,
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+        optim="adamw_torch",                 # default: the fused AdamW; same update, other kernel
+        max_grad_norm=0.0,                   # default 1.0 clips the gradient; train_loop does not
+        bf16=settings.precision == "bf16",   # default: bf16 whenever fp16 is off
+        activation_checkpointing=False,      # TRL's default (gradient_checkpointing=True) recomputes: slower, less memory
+        use_cpu=True, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
+
+
+def sft_trainer(settings: LoraSettings, model, tokenizer, rows: Sequence[dict], output_dir):
+    """TRL's ``SFTTrainer`` on ``rows`` (:func:`prompt_completion`), with :func:`peft_config`'s LoRA: it wraps the
+    model with PEFT itself, after seeding torch with ``settings.seed`` — the same initial adapter as :func:`train`."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+    return SFTTrainer(model=model, args=sft_config(settings, output_dir), processing_class=tokenizer,
+                      train_dataset=Dataset.from_list(prompt_completion(rows)), peft_config=peft_config(settings))
+
+
+def compare_labels(ours: Sequence[tuple[list[int], list[int]]], theirs: Sequence[tuple[list[int], list[int]]]) -> dict:
+    """Compare two encodings of the same rows, (input ids, labels) each: whether every row starts with the
+    same ids, the rows whose *learned* tokens (labels not -100) differ beyond tokens the other adds after
+    ``ours`` ends, and those extra learned tokens, counted by id."""
+    from collections import Counter
+    if len(ours) != len(theirs):
+        raise ValueError(f"{len(ours)} rows against {len(theirs)}: compare encodings of the same rows")
+    same_prefix, differ, extra = True, [], Counter()
+    for i, ((x, y), (tx, ty)) in enumerate(zip(ours, theirs)):
+        same_prefix &= list(tx[:len(x)]) == list(x)
+        learned = [t for t in y if t != -100]
+        their_learned = [t for t in ty[:len(x)] if t != -100]
+        if learned != their_learned:
+            differ.append(i)
+        extra.update(t for t in ty[len(x):] if t != -100)
+    return {"rows": len(ours), "same_inputs": same_prefix, "rows_learning_otherwise": differ, "extra_learned": dict(extra)}
+
+
+# ----------------------------------------------------------------------------- precision, measured
+def time_step(model, batch: dict, precision: str) -> float:
+    """Seconds of one forward + backward of :func:`answer_loss` on ``batch`` in ``precision`` ("fp32", or "bf16":
+    autocast on the batch's device); the gradients are cleared afterwards."""
+    import torch
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+    device = batch["input_ids"].device
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = answer_loss(model, batch)
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def choose_precision(step_s: dict[str, float], min_speedup: float = 1.1) -> str:
+    """The precision to train in, from measured step times (:func:`time_step`): bf16 only when it is at
+    least ``min_speedup`` times as fast as fp32 — it rounds every matrix product, so it must pay for itself."""
+    if "fp32" not in step_s:
+        raise ValueError("measure fp32 too: bf16 is chosen only against it")
+    if any(not v > 0 for v in step_s.values()):
+        raise ValueError(f"step times must be positive seconds, not {step_s}")
+    return "bf16" if "bf16" in step_s and step_s["fp32"] / step_s["bf16"] >= min_speedup else "fp32"
+
+
+# ----------------------------------------------------------------------------- Unsloth's recipe in PEFT's terms
+# The source documents' recommended QLoRA tool and its example (FastLanguageModel.from_pretrained +
+# FastLanguageModel.get_peft_model). Unsloth 2026.10's own defaults where the example is silent: NF4 with double
+# quantization, compute in bf16 where the GPU has it, else fp16; gradient checkpointing "unsloth" (offloaded).
+UNSLOTH_RECIPE = {"model_name": "unsloth/llama-3-8b-bnb-4bit", "max_seq_length": 2048, "load_in_4bit": True,
+                  "r": 16, "lora_alpha": 16, "lora_dropout": 0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+def unsloth_to_peft(recipe: dict, base: LoraSettings) -> tuple[LoraSettings, dict]:
+    """(LoraSettings, BitsAndBytesConfig keyword arguments) doing what an Unsloth recipe does with PEFT and
+    transformers alone; ``base`` gives what the recipe does not set (learning rate, epochs, batch, seed, precision).
+    The compute dtype follows ``base.precision`` (bf16, or fp32 where bf16 did not pay off)."""
+    unknown = set(recipe["target_modules"]) - set(ALL_LINEAR)
+    if unknown:
+        raise ValueError(f"target module(s) {sorted(unknown)} are not among {', '.join(ALL_LINEAR)}")
+    settings = dataclasses.replace(base, r=recipe["r"], alpha=recipe["lora_alpha"], dropout=float(recipe["lora_dropout"]),
+                                   targets=tuple(recipe["target_modules"]))
+    bnb = ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": "bfloat16" if base.precision == "bf16" else "float32"}
+           if recipe.get("load_in_4bit") else {})
+    return settings, bnb
+
+
 # ----------------------------------------------------------------------------- evaluation
 def generate_answers(model, tokenizer, questions: Sequence[str], *, max_new_tokens: int = 16,
                      batch_size: int = 16) -> list[str]:
@@ -329,13 +444,22 @@ def base_digest(folder: str | os.PathLike) -> str:
     return hashlib.sha256("".join(sha256(f) for f in files).encode()).hexdigest()
 
 
-def cache_key(settings: LoraSettings, base_folder, train_path=TRAIN_PATH) -> str:
-    """16 hex digits that change with the training data, the settings or the base model's weights."""
+def cache_key(settings: LoraSettings, base_folder, train_path=TRAIN_PATH, trainer: str = "loop") -> str:
+    """16 hex digits that change with the training data, the settings, the base model's weights or the trainer."""
     from .models import chat_template
     blob = json.dumps({"data": sha256(train_path), "settings": settings.key_fields(), "base": base_digest(base_folder),
-                       "format": 2, **({} if chat_template(base_folder) else {"template": PLAIN_CHAT_TEMPLATE})},
+                       "format": 2, **({} if chat_template(base_folder) else {"template": PLAIN_CHAT_TEMPLATE}),
+                       **({} if trainer == "loop" else _trl_recipe())},      # the loop's keys stay as they were
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _trl_recipe() -> dict:
+    """What a TRL run depends on beyond data, settings and base: TRL's version and labkit's code that sets it up."""
+    import inspect
+    from importlib.metadata import version
+    code = "".join(inspect.getsource(f) for f in (prompt_completion, sft_config, sft_trainer))
+    return {"trainer": "trl", "trl": version("trl"), "recipe": hashlib.sha256(code.encode()).hexdigest()}
 
 
 class _PeakRSS:
@@ -365,37 +489,70 @@ class _PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def train(settings: LoraSettings, base_folder, out_dir, train_path=TRAIN_PATH) -> dict:
+TRAINERS = ("loop", "trl")      # labkit's own train_loop, or TRL's SFTTrainer on the same data and settings
+
+
+def _train_with_loop(settings: LoraSettings, model, tokenizer, rows):
+    """(PEFT model, losses, encoded rows) of :func:`train_loop` on ``rows``."""
+    import torch
+    from peft import get_peft_model
+    torch.manual_seed(settings.seed)          # PEFT draws lora_A's initial values from torch's generator
+    model = get_peft_model(model, peft_config(settings))
+    encoded = [encode(tokenizer, r) for r in rows]
+    return model, (lambda: train_loop(model, encoded, settings, tokenizer.pad_token_id)), encoded
+
+
+def _train_with_trl(settings: LoraSettings, model, tokenizer, rows, out_dir):
+    """(PEFT model, losses, encoded rows) of TRL's SFTTrainer on ``rows`` (:func:`sft_trainer`)."""
+    import tempfile
+    trainer = sft_trainer(settings, model, tokenizer, rows, tempfile.mkdtemp(prefix="trl-", dir=out_dir))
+    encoded = [(list(r["input_ids"]), list(r["labels"])) for r in trainer.train_dataset]
+
+    def run():
+        import shutil
+        trainer.train()
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)     # save_strategy="no": nothing kept there
+        return [float(log["loss"]) for log in trainer.state.log_history if "loss" in log]
+    return trainer.model, run, encoded
+
+
+def train(settings: LoraSettings, base_folder, out_dir, train_path=TRAIN_PATH, trainer: str = "loop") -> dict:
     """Train one LoRA adapter in this process and save it (PEFT's files + ``metrics.json``).
 
-    ``metrics.json`` records the loss of every step, seconds, tokens, and resident memory: before
-    the model was loaded, after (with the adapter attached), and the peak while training.
+    ``trainer``: ``"loop"`` (:func:`train_loop`) or ``"trl"`` (TRL's ``SFTTrainer``, :func:`sft_trainer`), with
+    the same settings, data and initial adapter. ``metrics.json`` records the loss of every step, seconds, tokens,
+    the rows as the trainer encoded them (ids and labels), and resident memory: before the model was loaded,
+    after (with the adapter attached), and the peak while training.
     """
     import psutil
     import torch
-    from peft import get_peft_model
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer must be one of {', '.join(TRAINERS)}, not {trainer!r}")
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     rss_start = psutil.Process().memory_info().rss
-    model, tokenizer = load_base(base_folder)
-    torch.manual_seed(settings.seed)          # PEFT draws lora_A's initial values from torch's generator
-    model = get_peft_model(model, peft_config(settings))
-    rss_loaded = psutil.Process().memory_info().rss
+    base, tokenizer = load_base(base_folder)
     rows = read_jsonl(train_path)
-    encoded = [encode(tokenizer, r) for r in rows]
+    model, run, encoded = (_train_with_loop(settings, base, tokenizer, rows) if trainer == "loop"
+                           else _train_with_trl(settings, base, tokenizer, rows, out_dir))
+    rss_loaded = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     with _PeakRSS() as rss:
-        losses = train_loop(model, encoded, settings, tokenizer.pad_token_id)
+        losses = run()
     seconds = time.perf_counter() - t0
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    metrics = {"settings": settings.key_fields(), "losses": losses, "steps": len(losses), "train_s": seconds,
-               "examples": len(rows), "tokens_per_epoch": sum(len(x) for x, _ in encoded),
+    metrics = {"settings": settings.key_fields(), "trainer": trainer, "losses": losses, "steps": len(losses),
+               "train_s": seconds, "examples": len(rows), "tokens_per_epoch": sum(len(x) for x, _ in encoded),
                "answer_tokens_per_epoch": sum(sum(t != -100 for t in y) for _, y in encoded),
                "max_example_tokens": max(len(x) for x, _ in encoded),
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "rss_start": rss_start, "rss_loaded": rss_loaded, "rss_peak": rss.peak,
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if trainer == "trl":
+        import trl
+        metrics.update(encoded=encoded, trl=trl.__version__)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     config = json.loads(Path(base_folder, "config.json").read_text())
     (out_dir / BASE_RECORD).write_text(json.dumps({"sha256": base_digest(base_folder), "model_type": config.get("model_type"),
@@ -416,11 +573,14 @@ class TrainedAdapter:
         return self.metrics["losses"]
 
 
-def train_cached(settings: LoraSettings, base_folder, train_path=TRAIN_PATH, *, timeout: float = 1800) -> TrainedAdapter:
+def train_cached(settings: LoraSettings, base_folder, train_path=TRAIN_PATH, *, trainer: str = "loop",
+                 timeout: float = 1800) -> TrainedAdapter:
     """The adapter for (data, settings, base) from ``cache_dir()/finetune/<key>``, trained first if
     missing — in a child process, so that its peak memory is the training's own and nothing of
-    it stays in this process."""
-    key = cache_key(settings, base_folder, train_path)
+    it stays in this process. ``trainer``: as :func:`train`."""
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer must be one of {', '.join(TRAINERS)}, not {trainer!r}")
+    key = cache_key(settings, base_folder, train_path, trainer)
     target = cache_dir() / "finetune" / key
     t0 = time.perf_counter()
     if all((target / f).exists() for f in (*ADAPTER_FILES, "metrics.json")):
@@ -431,11 +591,11 @@ def train_cached(settings: LoraSettings, base_folder, train_path=TRAIN_PATH, *, 
     tmp = Path(tempfile.mkdtemp(prefix=key + ".", dir=target.parent))
     try:
         args = json.dumps({"settings": dataclasses.asdict(settings), "base": str(base_folder),
-                           "train": str(train_path), "out": str(tmp)})
+                           "train": str(train_path), "out": str(tmp), "trainer": trainer})
         out = subprocess.run([sys.executable, "-m", "labkit.finetune", args], capture_output=True, text=True,
                              timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, check=False)
         if out.returncode != 0:
-            raise RuntimeError(f"LoRA training failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+            raise RuntimeError(f"LoRA training ({trainer}) failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     finally:
@@ -739,9 +899,12 @@ def _main(argv: list[str]) -> int:
     """``python -m labkit.finetune '{"settings": ..., "base": ..., "train": ..., "out": ...}'`` (train_cached's child)."""
     job = json.loads(argv[0])
     settings = LoraSettings(**{**job["settings"], "targets": tuple(job["settings"]["targets"])})
-    train(settings, job["base"], job["out"], job["train"])
+    train(settings, job["base"], job["out"], job["train"], job.get("trainer", "loop"))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    # run the importable labkit.finetune, not this __main__ copy of it: one set of functions in the child, the same
+    # a patch (a test's mutation) or the parent's cache key sees
+    from labkit import finetune as _module
+    sys.exit(_module._main(sys.argv[1:]))
