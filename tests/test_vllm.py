@@ -90,3 +90,53 @@ def test_a_max_model_len_the_kv_cache_cannot_hold_is_refused_and_vllms_estimate_
     assert abs(refusal["estimated_max_len"] - predicted) <= vllm_lab.CPU_BLOCK_SIZE, (refusal, predicted)
     with labkit.serve("vllm", "smollm2", max_model_len=refusal["estimated_max_len"]) as fitted:
         assert vllm_lab.kv_cache_tokens(fitted.logs(2000)) >= refusal["estimated_max_len"]
+
+
+# Lines of two compiled starts of the pinned vLLM (0.32.0, CPU) on one VLLM_CACHE_ROOT, 2026-12-07.
+COMPILED_COLD = """(EngineCore pid=7538) INFO 12-07 18:22:44 [core.py:133] Initializing a V1 LLM engine (v0.32.0) with config: \
+model='/m', enforce_eager=False, compilation_config={'mode': <CompilationMode.DYNAMO_TRACE_ONCE: 2>, 'backend': 'inductor'}
+(Worker pid=7775) INFO 12-07 18:23:34 [cpu_model_runner.py:87] Warming up model for the compilation...
+(Worker pid=7775) INFO 12-07 18:25:59 [decorators.py:743] [backbone] saved AOT compiled function to \
+/c/torch_compile_cache/torch_aot_compile/b0f3/rank_0_0/model
+(Worker pid=7775) INFO 12-07 18:26:01 [monitor.py:91] [backbone] Initial profiling/warmup run took 1.92 s
+(Worker pid=7775) INFO 12-07 18:26:07 [cpu_model_runner.py:91] Warming up done.
+(EngineCore pid=7538) INFO 12-07 18:26:09 [core.py:402] init engine (profile, create kv cache, warmup model) took 154.46 s
+"""
+COMPILED_WARM = """(Worker pid=9580) INFO 12-07 23:59:58 [cpu_model_runner.py:87] Warming up model for the compilation...
+(Worker pid=9580) WARNING 12-08 00:00:16 [decorators.py:333] [backbone] Compiling model again due to a load failure \
+from /c/torch_compile_cache/torch_aot_compile/b0f3/rank_0_0/model, reason: 'function' object has no attribute 'finalize_loading'
+(Worker pid=9580) INFO 12-08 00:03:11 [cpu_model_runner.py:91] Warming up done.
+"""
+EAGER = """(EngineCore pid=1) INFO 12-07 18:20:34 [core.py:133] Initializing ... compilation_config={'mode': \
+<CompilationMode.NONE: 0>, 'backend': 'inductor'}
+(EngineCore pid=1) INFO 12-07 18:21:30 [core.py:402] init engine (profile, create kv cache, warmup model) took 1.21 s
+"""
+
+
+def test_compile_report_reads_the_mode_the_artifact_and_the_warm_up():
+    cold = vllm_lab.compile_report(COMPILED_COLD)
+    assert cold == {"mode": "DYNAMO_TRACE_ONCE", "aot_saved": "/c/torch_compile_cache/torch_aot_compile/b0f3/rank_0_0/model",
+                    "aot_loaded": None, "load_failure": None, "init_engine_s": 154.46, "warmup_s": 153.0}
+    warm = vllm_lab.compile_report(COMPILED_WARM)          # across midnight: 3 min 13 s, not minus a day
+    assert warm["load_failure"] == "'function' object has no attribute 'finalize_loading'" and warm["warmup_s"] == 193.0
+    assert warm["aot_loaded"] is None and warm["init_engine_s"] is None
+    eager = vllm_lab.compile_report(EAGER)
+    assert eager["mode"] == "NONE" and eager["warmup_s"] is None and eager["aot_saved"] is None
+    loaded = vllm_lab.compile_report("INFO 12-07 10:00:00 [decorators.py:319] [backbone] Directly load AOT compilation "
+                                     "from path /c/model")
+    assert loaded["aot_loaded"] == "/c/model"
+
+
+@pytest.mark.full      # two compiled vLLM starts (minutes each on 2 cores); chapter 04 runs the same in its full tier
+@pytest.mark.engine
+def test_a_compiled_start_saves_its_artifact_and_the_second_start_loads_it_or_says_why_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm-cache"))
+    reports = []
+    for _ in range(2):
+        with labkit.serve("vllm", "smollm2", enforce_eager=False) as srv:
+            r = srv.openai().completions.create(model=srv.model, prompt="The capital of France is", max_tokens=4)
+            assert r.usage.completion_tokens == 4
+            reports.append(vllm_lab.compile_report(srv.log_path.read_text(errors="replace")))
+    cold, warm = reports
+    assert cold["mode"] == "DYNAMO_TRACE_ONCE" and cold["aot_saved"].startswith(str(tmp_path / "vllm-cache")), cold
+    assert (warm["aot_loaded"] and warm["warmup_s"] < cold["warmup_s"]) or warm["load_failure"], warm
