@@ -6,10 +6,11 @@ TIER ?= ci
 PORT ?= 8888
 export GPU
 
-.PHONY: help setup lab test test-full lint test-models test-unit test-notebooks test-mutations run test-gpu lock strip colab clean
+.PHONY: help setup lab webui test test-full lint test-models test-unit test-notebooks test-mutations run test-gpu lock strip colab clean
 
 help:
 	@echo "make lab        set up (if needed) and open JupyterLab on notebooks/ with the bundled tiny model"
+	@echo "make webui      Open WebUI (installed into .venv-webui on first use) on the lab's servers, 127.0.0.1, no login"
 	@echo "make test       set up (if needed), lint, run the unit tests and execute every notebook once (CPU tier)"
 	@echo "make test-full  everything slower: mutation runs of every chapter, split-model runs, browser, third-party suites"
 	@echo "make lint       ruff on labkit/, tests/ and the notebooks; actionlint and check-jsonschema on the CI files (part of make test)"
@@ -25,9 +26,16 @@ help:
 setup:
 	@bash scripts/setup.sh
 
+# jupyter-config/: the lab's JupyterLab defaults (no "official Jupyter news" pop-up over the first notebook)
 lab: setup
 	@echo "Starting JupyterLab on notebooks/ — open the URL printed below (Ctrl-C stops it)."
-	.venv/bin/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 --port=$(PORT) $(if $(DISPLAY),,--no-browser) $(if $(filter 0,$(shell id -u)),--allow-root,)
+	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter-config$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+	  .venv/bin/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1 --port=$(PORT) $(if $(DISPLAY),,--no-browser) $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+# Open WebUI in front of the Ollama-compatible server and llama-server (chapter 02); installs it on first use
+# (or WITH_WEBUI=1 make setup). Ctrl-C stops all three.
+webui: setup
+	@bash scripts/webui.sh
 
 # The suite people run often: lint, unit tests (fakes and fixtures; a few real engines, one server per
 # session) and every chapter executed once. Ends with the 25 slowest tests and the chapters' time table.

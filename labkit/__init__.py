@@ -21,7 +21,8 @@ Engine modules are named ``<engine>_lab`` (:mod:`labkit.llamacpp_lab`, :mod:`lab
 * 03 llama.cpp: :mod:`labkit.llamacpp_lab`, :mod:`labkit.llama_tools` (llama.cpp's own programs:
   ``llama-server``, ``llama-bench``, ...), :mod:`labkit.conformance` (the OpenAI requests real
   clients send, probed against a server).
-* 04 vLLM: :mod:`labkit.vllm_lab` (offline engine, /metrics), :mod:`labkit.paging` (simulators).
+* 04 vLLM: :mod:`labkit.vllm_lab` (offline engine, /metrics, compile logs), :mod:`labkit.paging` (simulators),
+  :mod:`labkit.compile_cache` (torch.compile cold vs warm).
 * 05 RAG: :mod:`labkit.rag`.
 * 06 benchmarking: :mod:`labkit.bench`.
 * 07 troubleshooting: :mod:`labkit.troubleshoot`, :mod:`labkit.doctor`, :mod:`labkit.repack`

@@ -102,6 +102,17 @@ def llama_programs_check() -> Check:
                  "make setup (rebuilds the programs from the pinned llama-cpp-python source)", required=False)
 
 
+def webui_check() -> Check:
+    """Open WebUI's own environment (chapter 02, ``make webui``): optional, installed only when asked."""
+    from . import webui
+    version = webui.installed_version()
+    if version is None:
+        return Check("Open WebUI (make webui)", False, f"not installed ({webui.ENV_LINK.name} missing)",
+                     webui.INSTALL_HINT, required=False)
+    return Check("Open WebUI (make webui)", version == webui.VERSION, f"{version} in {webui.ENV_LINK.resolve()}",
+                 f"bash scripts/setup_webui.sh (the lab pins {webui.VERSION})", required=False)
+
+
 def engine_check(engine: engines.Engine) -> Check:
     """Whether an engine of :mod:`labkit.engines` is installed here (optional: chapters skip what is missing)."""
     from .errors import EngineNotInstalledError
@@ -245,6 +256,7 @@ def run_checks(model=None, n_ctx: int = 2048, require_gpu: bool = False, min_fre
         checks.append(repack_check())
     checks += engine_checks()
     checks.append(llama_programs_check())
+    checks.append(webui_check())
     label = str(model or "default model")
     need_bytes = None
     try:

@@ -114,6 +114,8 @@ build_tools() {
   run_logged "$LOGS/$TOOLS_KEY.log" env PYTHON="$REPO/.venv/bin/python" bash scripts/build_llama_tools.sh "$1"
 }
 ensure_env .llama.cpp "$TOOLS_KEY" build_tools
+# Open WebUI (chapter 02, `make webui`) only when asked: its environment is ~2 GB.
+if [ "${WITH_WEBUI:-0}" = 1 ]; then bash scripts/setup_webui.sh; fi
 
 # Per-clone steps (seconds): labkit itself, editable, in both environments; Jupyter kernels.
 # .venv-vllm may be absent (skipped above for an old Python): only environments that exist are set up.

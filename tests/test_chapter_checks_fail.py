@@ -49,6 +49,37 @@ def test_chapter_00_catches_a_kv_formula_that_forgets_the_values(tmp_path, monke
 
 
 @pytest.mark.notebook
+def test_chapter_00_catches_kv_heads_read_as_attention_heads(tmp_path, monkeypatch):
+    """The grouped-query clause: a header reader that takes attention.head_count for the KV heads sizes the
+    cache n_heads / n_kv_heads times too large, and llama.cpp's own allocation says so."""
+    mutation = (
+        "import dataclasses\n"
+        "from labkit import memory\n"
+        "_right = memory.config_from_gguf\n"
+        "def config_from_gguf(path):\n"
+        "    cfg, weights, file_type = _right(path)\n"
+        "    return dataclasses.replace(cfg, n_kv_heads=cfg.n_heads), weights, file_type   # no GQA\n"
+        "memory.config_from_gguf = config_from_gguf\n")
+    result = run_mutated("00", mutation, tmp_path, monkeypatch)
+    assert result.status == "failed", "chapter 00 passed with KV heads read as attention heads"
+    assert "kv_llamacpp_mib" in result.error, result.error
+
+
+@pytest.mark.notebook
+def test_chapter_00_catches_block_bits_without_their_scales(tmp_path, monkeypatch):
+    """A file's average is its type mix's: bits per type that forget the blocks' scales (Q8_0 as 8, Q6_K as 6)
+    no longer add up to the bytes the file's writer laid out."""
+    mutation = (
+        "import math\n"
+        "from labkit import memory\n"
+        "_right = memory.block_type_bits\n"
+        "memory.block_type_bits = lambda type_name: math.floor(_right(type_name))   # the scales forgotten\n")
+    result = run_mutated("00", mutation, tmp_path, monkeypatch)
+    assert result.status == "failed", "chapter 00 passed with block bits that forget the scales"
+    assert "disk_bpw - mix_bpw" in result.error, result.error
+
+
+@pytest.mark.notebook
 def test_chapter_02_catches_durations_reported_in_microseconds(tmp_path, monkeypatch):
     mutation = in_ollama_server(
         "inference, native",
@@ -76,6 +107,25 @@ def test_chapter_02_catches_a_server_that_ignores_ollama_num_parallel(tmp_path, 
     result = run_mutated("02", mutation, tmp_path, monkeypatch, in_servers=True)
     assert result.status == "failed", "chapter 02 passed with a server that answers one request at a time"
     assert 'concurrency[2]["requests in flight at once"] == 2' in result.error, result.error
+
+
+@pytest.mark.notebook
+def test_chapter_02_catches_open_webui_without_its_openai_connection(tmp_path, monkeypatch):
+    """The Open WebUI section (it runs where `make webui` installed it; the fixture installs it): settings that
+    drop the llama-server connection leave its model out of the page's list, and the section's check says so."""
+    from labkit import webui
+    if webui.installed_version() is None:
+        import subprocess
+        subprocess.run(["bash", "scripts/setup_webui.sh"], check=True, cwd=runner.REPO_ROOT)
+    mutation = (
+        "from labkit import webui\n"
+        "_right = webui.environment\n"
+        "def environment(ollama, openai, *args, **kwargs):\n"
+        "    return _right(ollama, None, *args, **kwargs)     # the OpenAI connection forgotten\n"
+        "webui.environment = environment\n")
+    result = run_mutated("02", mutation, tmp_path, monkeypatch)
+    assert result.status == "failed", "chapter 02 passed with Open WebUI not connected to llama-server"
+    assert "ui_llama.model == m.splitlines()[0]" in result.error, result.error
 
 
 @pytest.mark.notebook
@@ -114,6 +164,24 @@ def test_chapter_09_catches_a_circuit_breaker_that_never_opens(tmp_path, monkeyp
     result = run_mutated("09", mutation, tmp_path, monkeypatch)
     assert result.status == "failed", "chapter 09 passed with a circuit breaker that never opens"
     assert '"+ circuit breaker", "cloud requests"' in result.error, result.error
+
+
+@pytest.mark.notebook
+def test_chapter_09_catches_an_mcp_retriever_that_returns_the_wrong_passages(tmp_path, monkeypatch):
+    # in the MCP server's process: search_docs answers with the k *worst* passages of the corpus
+    mutation = (
+        "try:\n    from labkit import mcp_server\n"
+        "except Exception:        # a process without labkit (the vLLM environment)\n    pass\n"
+        "else:\n"
+        "    _right = mcp_server.Gateway.search\n"
+        "    def search(self, query, k=2):\n"
+        "        found = _right(self, query, k=40)\n"
+        "        found['passages'] = found['passages'][-k:]\n"
+        "        return found\n"
+        "    mcp_server.Gateway.search = search\n")
+    result = run_mutated("09", mutation, tmp_path, monkeypatch, in_servers=True)
+    assert result.status == "failed", "chapter 09 passed with an MCP retriever that returns the wrong passages"
+    assert 'first["correct"] & first["gold document retrieved"]' in result.error, result.error
 
 
 # The slower chapters (2-4 min each): `make test-mutations` runs them; `make test` leaves them out.
@@ -171,6 +239,17 @@ def test_chapter_04_catches_a_kv_formula_twice_too_large(tmp_path, monkeypatch):
 
 
 @pytest.mark.notebook
+def test_chapter_04_catches_a_compile_cache_that_is_off(tmp_path, monkeypatch):
+    """Section 2b's processes inherit the kernel's environment: with Inductor's FX-graph cache off, the second
+    process compiles again and the check that it hit the cache fails (the timing alone would not: the C++
+    libraries on disk are still reused)."""
+    mutation = "import os\nos.environ['TORCHINDUCTOR_FX_GRAPH_CACHE'] = '0'     # torch/_inductor/config.py\n"
+    result = run_mutated("04", mutation, tmp_path, monkeypatch)
+    assert result.status == "failed", "chapter 04 passed with torch's FX-graph cache turned off"
+    assert "jit.warm.fx_graph_hits >= 1" in result.error, result.error
+
+
+@pytest.mark.notebook
 def test_chapter_06_catches_a_bandwidth_bound_ten_times_too_low(tmp_path, monkeypatch):
     mutation = (
         "from labkit import bench\n"
@@ -213,3 +292,29 @@ def test_chapter_10_catches_an_activation_estimate_half_again_too_large(tmp_path
     result = run_mutated("10", mutation, tmp_path, monkeypatch)
     assert result.status == "failed", "chapter 10 passed with an activation estimate 50% too large"
     assert "abs(act_error) <= 0.10" in result.error, result.error
+
+
+@pytest.mark.notebook
+def test_chapter_10_catches_an_ollama_adapter_that_is_silently_dropped(tmp_path, monkeypatch):
+    """The Ollama-compatible server accepts ADAPTER but never applies it: the chapter's second way of shipping
+    must fail its check, not print the base model's answers."""
+    mutation = in_ollama_server("create", "create._adapter_paths = lambda *args, **kwargs: []")
+    result = run_mutated("10", mutation, tmp_path, monkeypatch, in_servers=True)
+    assert result.status == "failed", "chapter 10 passed with an Ollama ADAPTER that changes nothing"
+    assert 'ollama_vs_lora["same verdict"] >= 0.95' in result.error, result.error
+
+
+@pytest.mark.notebook
+def test_chapter_10_catches_a_trl_run_that_learns_the_question_too(tmp_path, monkeypatch):
+    """TRL is given the user's turn as part of the completion, so its loss covers the question as well. The
+    mutation reaches the training child process too, and changes the TRL run's cache key (labkit's TRL code is in it)."""
+    mutation = (
+        "try:\n    from labkit import finetune\n"
+        "except Exception:\n    pass\n"
+        "else:\n"
+        "    def prompt_completion(rows):\n"
+        "        return [{'prompt': r['messages'][:1], 'completion': r['messages'][1:]} for r in rows]\n"
+        "    finetune.prompt_completion = prompt_completion\n")
+    result = run_mutated("10", mutation, tmp_path, monkeypatch, in_servers=True)
+    assert result.status == "failed", "chapter 10 passed with TRL learning the prompt's tokens"
+    assert 'not trl_labels["rows_learning_otherwise"]' in result.error, result.error

@@ -13,10 +13,11 @@ BOTTOM = {"env", "errors", "wsl"}   # environment facts and exceptions: everythi
 LAYERS = {
     1: {"env", "errors", "wsl"},
     2: {"quant", "gguf", "models", "memory", "hardware", "repack", "modelfile", "offload", "streams", "engines",
-        "vision"},
+        "vision", "llama_cpp_openai"},
     3: {"llamacpp_lab", "vllm_lab", "ollama_lab", "llama_tools", "servers", "cancellable", "rpc", "_supervisor"},
     4: {"quality", "conformance", "bench", "rag", "japanese", "paging", "troubleshoot", "proxy", "monitoring", "deploy",
-        "router", "fault_api", "toolcall", "mcp_server", "finetune", "check", "colab"},
+        "router", "fault_api", "toolcall", "mcp_server", "finetune", "check", "colab", "webui",
+        "compile_cache"},
     # on top; with them the old names kept for one release (labkit.eval, labkit.llamacpp, labkit.ollama_compat),
     # which alias modules of lower layers
     5: {"cli", "doctor", "runner", "notebook", "widgets", "syllabus", "eval", "llamacpp", "ollama_compat"},
