@@ -40,6 +40,10 @@ def test_notebook_conventions(path):
             assert not c.get("outputs"), "strip outputs: make strip"
     params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1 and "tier" in "".join(params[0]["source"])
+    # papermill's own reader (papermill --help-notebook, and the parameters it documents) understands every line
+    from papermill.translators import PythonTranslator
+    assignments = [line for line in "".join(params[0]["source"]).splitlines() if line and not line.startswith("#")]
+    assert len(PythonTranslator.inspect({"source": "".join(params[0]["source"])})) == len(assignments), assignments
     assert any(c["cell_type"] == "markdown" and "".join(c["source"]).startswith("## Checks") for c in nb["cells"])
     settings = runner.notebook_settings(path)
     assert settings["budget_s"] and settings["kernel"] in ("labkit", "labkit-vllm")
