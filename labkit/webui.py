@@ -171,23 +171,30 @@ def _send(page, text: str) -> None:
     page.keyboard.press("Enter")
 
 
-def _watch_answer(page, count_before: int, timeout_s: float, stop_after_chars: int | None = None) -> list[str]:
-    """The last answer's text at every change until it is complete (its actions shown), or until it has
-    ``stop_after_chars`` characters and Stop is pressed. Polled every 50 ms."""
+def _watch_answer(page, count_before: int, timeout_s: float, stop_after_chars: int | None = None,
+                  settle_s: float = 0.5) -> list[str]:
+    """The last answer's text at every change until it is complete, or until it has ``stop_after_chars``
+    characters and Stop is pressed. Complete: its actions are shown, or the Stop button has been gone for
+    ``settle_s`` with the text unchanged (Open WebUI 0.12 shows Stop only while a reply streams). Polled every 50 ms."""
     page.wait_for_function(f"() => ({_ANSWERS})() > {count_before}", timeout=timeout_s * 1000)
     stop = page.locator('button[aria-label="Stop"]')
     states: list[str] = []
+    quiet_since = None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         text = page.evaluate(_LAST_ANSWER).strip()
         if text and (not states or states[-1] != text):
             states.append(text)
-        if stop_after_chars is not None and len(text) >= stop_after_chars and stop.count():
+            quiet_since = None
+        streaming = stop.count() > 0
+        if stop_after_chars is not None and len(text) >= stop_after_chars and streaming:
             stop.first.click()
-            page.wait_for_function(_LAST_DONE, timeout=30_000)
+            stop.first.wait_for(state="hidden", timeout=30_000)
             states.append(page.evaluate(_LAST_ANSWER).strip())
             return states
-        if text and page.evaluate(_LAST_DONE):
+        if text and not streaming:
+            quiet_since = quiet_since or time.monotonic()
+        if text and (page.evaluate(_LAST_DONE) or (quiet_since and time.monotonic() - quiet_since >= settle_s)):
             final = page.evaluate(_LAST_ANSWER).strip()
             return states if states[-1] == final else [*states, final]
         time.sleep(0.05)

@@ -133,7 +133,8 @@ def test_chat_in_a_real_browser_streams_stops_and_answers_again(lab):
     from labkit.webui import chat_in_browser
     shot = REPO / "build" / "webui-chat.png"
     result = chat_in_browser(lab.base_url, lab.ollama.model, shot)
-    assert {lab.ollama.model, lab.llama_server.model} <= set(result.model_list), result.model_list
+    names = {entry.splitlines()[0] for entry in result.model_list}      # each entry: the name, then its size
+    assert {lab.ollama.model, lab.llama_server.model} <= names, result.model_list
     assert len(result.partial_texts) >= 2 and result.partial_texts[0] != result.partial_texts[-1]   # streamed in
     assert result.stopped_text is not None and result.next_reply.strip()
     assert result.next_reply_seconds < 30
