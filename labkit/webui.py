@@ -212,7 +212,21 @@ def chat_in_browser(base_url: str, model: str, screenshot: str | os.PathLike, *,
                     long_prompt: str = "Write a long story about a robot who learns to cook.",
                     next_prompt: str = "Say hello.", timeout_s: float = 180) -> BrowserChat:
     """Chat with ``model`` through Open WebUI's page in headless Chromium (Playwright): read the model list,
-    stream a first answer, press Stop during a second one, time a third, and save a screenshot."""
+    stream a first answer, press Stop during a second one, time a third, and save a screenshot.
+
+    Playwright's sync API refuses to run inside a running asyncio loop (a Jupyter kernel has one): there, the
+    browser is driven from a worker thread."""
+    import asyncio
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(1) as worker:
+            return worker.submit(chat_in_browser, base_url, model, screenshot, executable=executable, args=args,
+                                 prompt=prompt, long_prompt=long_prompt, next_prompt=next_prompt,
+                                 timeout_s=timeout_s).result()
     from playwright.sync_api import sync_playwright
     shot = Path(screenshot)
     shot.parent.mkdir(parents=True, exist_ok=True)
