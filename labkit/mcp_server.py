@@ -633,4 +633,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable labkit.mcp_server, not this __main__ copy of it: one Gateway class in the server process, the
+    # one a patch (a test's mutation) sees
+    from labkit import mcp_server as _module
+    sys.exit(_module.main())
