@@ -33,6 +33,8 @@ import json
 import sys
 from typing import Callable
 
+from .vision import read_body  # the ASGI body reader RefuseMedia uses
+
 CHAT_PATH = "/v1/chat/completions"
 IGNORED_HEADER = "X-Labkit-Ignored-Fields"      # the name labkit's Ollama-compatible server uses
 
@@ -175,13 +177,9 @@ class TranslateOpenAI:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths:
             return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":      # the client left before sending its body
-                return None
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
+        if body is None:                               # the client left before sending its body
+            return None
         try:
             request = json.loads(body)
         except ValueError:

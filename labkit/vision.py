@@ -231,6 +231,19 @@ def media_refusal(body: bytes, model: str = "this model", hint: str = "") -> dic
     return None
 
 
+async def read_body(receive) -> bytes | None:
+    """A request's whole body from an ASGI ``receive`` (several ``http.request`` messages when it is large);
+    None when the client disconnected first. Shared by the lab's ASGI layers in front of llama-cpp-python."""
+    body, more = b"", True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
 class RefuseMedia:
     """ASGI middleware for a text-only OpenAI-compatible server: a chat request with an image (or audio)
     part is answered 400 with :func:`media_refusal`'s error before the app sees it; anything else passes
@@ -242,13 +255,9 @@ class RefuseMedia:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths:
             return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":      # the client left before sending its body
-                return None
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
+        if body is None:                               # the client left before sending its body
+            return None
         refusal = media_refusal(body, self.model, self.hint)
         if refusal is not None:
             payload = json.dumps(refusal).encode()

@@ -161,3 +161,21 @@ def test_the_openai_sdk_gets_no_500_from_labkit_serve_llama_cpp():
     assert second.choices[0].message.content is not None
     assert set(json.loads(structured.choices[0].message.content)) == {"colour"}, structured
     assert names == ["Joke"], names
+
+
+def test_a_client_that_leaves_before_its_body_reaches_neither_layer_nor_server():
+    import asyncio
+
+    from labkit.vision import RefuseMedia
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+    for layer in (lco.TranslateOpenAI, RefuseMedia):
+        received, sent = [], []
+        messages = iter([{"type": "http.request", "body": b'{"messages": [', "more_body": True}, {"type": "http.disconnect"}])
+
+        async def receive():
+            return next(messages)
+
+        async def send(message):
+            sent.append(message)
+        asyncio.run(layer(fake_server(received))(scope, receive, send))
+        assert received == [] and sent == [], (layer, received, sent)     # nothing forwarded, nothing answered
